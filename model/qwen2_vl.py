@@ -1,0 +1,64 @@
+"""The Qwen2-VL model: vision tower + Qwen2 decoder + head. Pure math.
+
+``forward(embeds, positions, input_pos, mask, kv_len) -> hidden`` and ``logits(hidden)``;
+sampling, loading and position bookkeeping live in ``qvl.runtime``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qvl.model.config import Qwen2VLConfig
+from qvl.model.decoder import DecoderLayer, RMSNorm
+from qvl.model.kv_cache import KVCache
+from qvl.model.rope import MRope
+from qvl.model.vision import VisionRotary, VisionTower
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, cfg: Qwen2VLConfig):
+        super().__init__()
+        t = cfg.text
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_hidden_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.rope = MRope(t.head_dim, t.rope_theta, t.mrope_section)
+        self.max_batch = self.max_seq = 0
+
+    def init_buffers(self, device=None):
+        """(Re)build the computed rotary tables, e.g. after construction on the meta device."""
+        t, v = self.cfg.text, self.cfg.vision
+        self.rope = MRope(t.head_dim, t.rope_theta, t.mrope_section).to(device)
+        self.visual.rotary = VisionRotary(v.head_dim, v.rope_theta).to(device)
+
+    def tie_weights(self):
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype, device=None):
+        t = self.cfg.text
+        self.max_batch, self.max_seq = max_batch, max_seq
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(max_batch, t.num_key_value_heads, max_seq, t.head_dim, dtype, device)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, input_pos: torch.Tensor,
+                mask: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+        """embeds [B, T, D], M-RoPE ids [3, B, T], cache slots ``input_pos`` [T].
+
+        ``mask`` [B, 1, T, kv_len] bool (True = attend) or None for a causal prefill that
+        starts at slot 0. Keys beyond ``kv_len`` (default: the whole cache) are not read.
+        Returns the final-normed hidden states [B, T, D].
+        """
+        kv_len = self.max_seq if kv_len is None else kv_len
+        cos, sin = self.rope(positions, embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos, kv_len)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

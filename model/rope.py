@@ -1,0 +1,101 @@
+"""M-RoPE: 3D (temporal, height, width) rotary positions for the Qwen2 decoder.
+
+Host-side bookkeeping (``rope_index``) runs once per prompt, as transformers'
+``Qwen2VLModel.get_rope_index``: text tokens advance all three axes together; an image or
+video block gets (t, row, col) ids offset by the running position, and text after it
+resumes at ``offset + max(h, w) / merge``. Decode then needs only ``input_pos + rope_delta``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_index(
+    input_ids: torch.Tensor,
+    grids: list[tuple[int, int, int]],
+    vision_token_ids: tuple[int, ...],
+    merge: int,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE position ids for a (left-padded) batch.
+
+    input_ids [B, T]; ``grids`` lists (t, h, w) of every image/video in batch order (the
+    order their pad-token runs appear); a run of consecutive ``vision_token_ids`` consumes
+    one grid and must hold t*h*w/merge**2 tokens. Padding (mask 0) gets position 0.
+    Returns positions [3, B, T] int64 and ``rope_delta`` [B] such that the position of the
+    token at padded index i >= T is ``i + rope_delta`` on all three axes.
+    """
+    bsz, seqlen = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = torch.zeros(3, bsz, seqlen, dtype=torch.int64)
+    deltas = torch.zeros(bsz, dtype=torch.int64)
+    is_vis = torch.isin(input_ids, torch.tensor(vision_token_ids, dtype=input_ids.dtype))
+    grid_iter = iter(grids)
+    for b in range(bsz):
+        keep = attention_mask[b].bool()
+        vis = is_vis[b][keep].tolist()
+        ids = input_ids[b][keep].tolist()
+        chunks, cur, i, n = [], 0, 0, len(vis)
+        while i < n:
+            j = i
+            if vis[i]:
+                # one run of identical pad tokens is one image / video
+                while j < n and vis[j] and ids[j] == ids[i]:
+                    j += 1
+                try:
+                    t, h, w = next(grid_iter)
+                except StopIteration:
+                    raise ValueError("more image/video placeholder runs in the prompt than grids") from None
+                gh, gw = h // merge, w // merge
+                if j - i != t * gh * gw:
+                    raise ValueError(f"placeholder run of {j - i} tokens does not match grid {(t, h, w)} "
+                                     f"({t * gh * gw} tokens)")
+                tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw)
+                hh = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw)
+                ww = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw)
+                chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+                cur += max(gh, gw)
+            else:
+                while j < n and not vis[j]:
+                    j += 1
+                chunks.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                cur += j - i
+            i = j
+        pos = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.int64)
+        positions[:, b, keep] = pos
+        deltas[b] = (int(pos.max()) + 1 if n else 0) - seqlen
+    if next(grid_iter, None) is not None:
+        raise ValueError("more image/video grids than placeholder runs in the prompt")
+    return positions, deltas
+
+
+class MRope(nn.Module):
+    """cos/sin [B, T, head_dim] for M-RoPE ids [3, B, T].
+
+    The rotary half-dim is split into ``mrope_section`` chunks (t, h, w); chunk k takes its
+    angles from axis k. Text tokens have equal ids on every axis, which is plain 1D RoPE.
+    """
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...]):
+        super().__init__()
+        self.mrope_section = list(mrope_section)
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        # axis (0, 1, 2) feeding each frequency
+        axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(self.mrope_section)])
+        self.register_buffer("axis", axis, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # pick, for every frequency, the position on its axis: [3, B, T] -> [B, T, head_dim/2]
+        pos = positions.permute(1, 2, 0).float()[..., self.axis]
+        freqs = pos * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)

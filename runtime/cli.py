@@ -1,0 +1,171 @@
+"""The ``qvl`` command line: run, chat, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+
+log = logging.getLogger("qvl")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _load(args):
+    import qvl
+
+    return qvl.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+
+
+def _gen_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _print_stats(engine, out=sys.stderr):
+    s = engine.last_stats
+    print(f"[{s.prompt_tokens} prompt tokens, first token {s.prefill_s:.2f}s (vision {s.vision_s:.2f}s), "
+          f"{s.new_tokens} new tokens at {s.decode_tok_s:.1f} tok/s, load {engine.load_s:.2f}s, "
+          f"peak RSS {_peak_rss_mb():.0f} MB]", file=out)
+
+
+def _user_message(prompt: str, images: list[str]) -> list[dict]:
+    content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": content}]
+
+
+def cmd_run(args) -> int:
+    engine = _load(args)
+    for piece in engine.stream(_user_message(args.prompt, args.image or []), **_gen_kwargs(args)):
+        print(piece, end="", flush=True)
+    print()
+    _print_stats(engine)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = _load(args)
+    history: list[dict] = []
+    pending_images: list[str] = list(args.image or [])
+    print("qvl chat: type a message; '/image PATH' attaches an image to the next message; '/reset'; Ctrl-D quits.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            continue
+        if line.startswith("/image "):
+            pending_images.append(line[7:].strip())
+            continue
+        if line == "/reset":
+            history, pending_images = [], []
+            continue
+        turn = _user_message(line, pending_images)
+        pending_images = []
+        answer = ""
+        try:
+            for piece in engine.stream(history + turn, **_gen_kwargs(args)):
+                answer += piece
+                print(piece, end="", flush=True)
+        except ValueError as e:  # bad image, prompt too long: report and keep the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print()
+        history += turn + [{"role": "assistant", "content": answer}]
+        _print_stats(engine)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qvl"))
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: a tiny random-weight Qwen2-VL built on first use.
+
+    It exercises the whole pipeline; its answers are noise. (A trained default replaces it.)
+    """
+    from qvl.scripts.tiny import write_tiny_checkpoint
+
+    root = cache_dir() / "tiny-default"
+    if not (root / "config.json").exists():
+        log.info("building the tiny default checkpoint in %s", root)
+        write_tiny_checkpoint(root, weights="random", seed=0)
+    return root
+
+
+def cmd_demo(args) -> int:
+    from PIL import Image, ImageDraw
+
+    model = args.model or default_model_dir()
+    img = Image.new("RGB", (448, 336), "white")
+    d = ImageDraw.Draw(img)
+    d.ellipse((40, 60, 180, 200), fill="red")
+    d.rectangle((260, 120, 400, 260), fill="blue")
+    path = Path(args.workdir or cache_dir()) / "demo.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    args.model = str(model)
+    engine = _load(args)
+    print(f"model: {model}\nimage: {path} ({img.width}x{img.height})")
+    for q in ("What shapes are in the picture?", "What colour is the circle?"):
+        answer = engine.generate(_user_message(q, [str(path)]), **_gen_kwargs(args))
+        print(f"Q: {q}\nA: {answer!r}")
+        _print_stats(engine, sys.stdout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvl", description="Qwen2-VL edge runtime")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, model_required=True):
+        if model_required:
+            sp.add_argument("model", help="checkpoint directory")
+        else:
+            sp.add_argument("--model", help="checkpoint directory (default: the embedded default)")
+        sp.add_argument("--image", action="append", help="image path (repeatable)")
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+        sp.add_argument("--max-seq-len", type=int, default=4096)
+        sp.add_argument("--max-new-tokens", type=int, default=128)
+        sp.add_argument("--temperature", type=float, default=0.0)
+        sp.add_argument("--top-k", type=int, default=0)
+        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--repetition-penalty", type=float, default=1.0)
+        sp.add_argument("--seed", type=int)
+
+    r = sub.add_parser("run", help="answer one prompt")
+    common(r)
+    r.add_argument("prompt")
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("chat", help="interactive multi-turn chat")
+    common(c)
+    c.set_defaults(func=cmd_chat)
+    dm = sub.add_parser("demo", help="draw a picture, ask about it, print answers, timings, memory")
+    common(dm, model_required=False)
+    dm.add_argument("--workdir", help="where to write the demo image")
+    dm.set_defaults(func=cmd_demo, max_new_tokens=24)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"qvl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

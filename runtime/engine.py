@@ -1,0 +1,124 @@
+"""Public API: ``qvl.load(path, ...) -> Engine`` with ``generate`` and ``stream``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from qvl.runtime.generate import Stats, generate_ids
+from qvl.runtime.loader import load_model
+from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
+from qvl.runtime.prompt import build_request
+from qvl.runtime.sampler import Sampler, SamplingParams
+from qvl.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _stop_ids(path: Path, tokenizer: Tokenizer) -> set[int]:
+    """eos ids of generation_config.json, else config.json, else the chat end token."""
+    for name in ("generation_config.json", "config.json"):
+        f = path / name
+        if f.exists():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            if eos is not None:
+                return set(eos) if isinstance(eos, list) else {int(eos)}
+    return {tokenizer.token_id("<|im_end|>")}
+
+
+class Engine:
+    def __init__(self, path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1):
+        path = Path(path)
+        t0 = time.perf_counter()
+        self.device = torch.device(device)
+        self.model = load_model(path, dtype=dtype, device=self.device)
+        self.dtype = self.model.embed_tokens.weight.dtype
+        self.model.setup_caches(max_batch, max_seq_len, self.dtype, self.device)
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.processor = ImageProcessor(ImageProcessorConfig.from_dir(path))
+        self.stop_ids = _stop_ids(path, self.tokenizer)
+        cfg = self.model.cfg
+        self.pad_id = self._pad_id(path)
+        self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
+        self.load_s = time.perf_counter() - t0
+        self.last_stats = Stats()
+        log.info("qvl engine ready in %.2fs (max_seq_len=%d, max_batch=%d)", self.load_s, max_seq_len, max_batch)
+
+    def _pad_id(self, path: Path) -> int:
+        f = path / "generation_config.json"
+        if f.exists():
+            pad = json.loads(f.read_text()).get("pad_token_id")
+            if pad is not None:
+                return int(pad)
+        return min(self.stop_ids)
+
+    def _run(self, batch, max_new_tokens, sampling: SamplingParams, add_vision_id, ignore_eos):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        merge = self.model.cfg.vision.spatial_merge_size
+        reqs = [build_request(m, self.tokenizer, self.processor, merge, add_vision_id) for m in batch]
+        self.last_stats = Stats()
+        return generate_ids(self.model, reqs, Sampler(sampling, self.device), max_new_tokens, self.stop_ids,
+                            self.pad_id, self.image_token_id, self.video_token_id, self.last_stats,
+                            self.device, ignore_eos)
+
+    def generate_ids(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+                     repetition_penalty=1.0, seed=None, add_vision_id=False, ignore_eos=False):
+        """Like ``generate`` but returns the new token ids per conversation (stop token included)."""
+        single = _is_single(messages)
+        batch = [messages] if single else list(messages)
+        sp = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        out = [[] for _ in batch]
+        done = [False] * len(batch)
+        for nxt in self._run(batch, max_new_tokens, sp, add_vision_id, ignore_eos):
+            for b, tok in enumerate(nxt.tolist()):
+                if not done[b]:
+                    out[b].append(tok)
+                    done[b] = (tok in self.stop_ids) and not ignore_eos
+        return out[0] if single else out
+
+    def generate(self, messages, max_new_tokens=128, **kw):
+        """One conversation -> str; a list of conversations -> list[str] (run as one batch)."""
+        ids = self.generate_ids(messages, max_new_tokens, **kw)
+        if _is_single(messages):
+            return self.tokenizer.decode(ids)
+        return [self.tokenizer.decode(x) for x in ids]
+
+    def stream(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+               repetition_penalty=1.0, seed=None, add_vision_id=False, ignore_eos=False) -> Iterator[str]:
+        """Yield text pieces of one conversation's answer as they are decoded."""
+        if not _is_single(messages):
+            raise ValueError("stream() takes one conversation (a list of message dicts)")
+        sp = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        dec = self.tokenizer.stream_decoder()
+        for nxt in self._run([messages], max_new_tokens, sp, add_vision_id, ignore_eos):
+            tok = int(nxt[0])
+            piece = dec.push(tok)
+            if piece:
+                yield piece
+            if tok in self.stop_ids and not ignore_eos:
+                break
+        tail = dec.flush()
+        if tail:
+            yield tail
+
+
+def _is_single(messages) -> bool:
+    """A conversation is a list of dicts; a batch is a list of such lists."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of message dicts, or a list of such lists")
+    return isinstance(messages[0], dict)
+
+
+def load(path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1) -> Engine:
+    """Load a Qwen2-VL checkpoint directory for inference.
+
+    ``dtype``: "float32", "bfloat16", "float16" or "auto" (the checkpoint's). The KV cache,
+    ``[max_batch, kv_heads, max_seq_len, head_dim]`` per layer, is allocated here once.
+    """
+    return Engine(path, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch)

@@ -1,0 +1,124 @@
+"""Prefill + one-token decode steps over the static KV cache, for a left-padded batch.
+
+Prefill writes cache slots 0..T-1 (pads included, masked out); step s writes slot T+s.
+M-RoPE ids come from ``rope_index`` once; decode positions are ``slot + rope_delta[row]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from qvl.model.qwen2_vl import Qwen2VL
+from qvl.model.rope import rope_index
+from qvl.runtime.prompt import Request
+from qvl.runtime.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0  # includes the vision tower
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)  # the first token comes from prefill
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate_ids(model: Qwen2VL, requests: list[Request], sampler: Sampler, max_new_tokens: int,
+                 stop_ids: set[int], pad_id: int, image_token_id: int, video_token_id: int,
+                 stats: Stats, device="cpu", ignore_eos: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token ids [B] step by step; a finished row keeps yielding ``pad_id``."""
+    cfg = model.cfg
+    bsz = len(requests)
+    if bsz > model.max_batch:
+        raise ValueError(f"batch of {bsz} exceeds max_batch={model.max_batch} set at load")
+    seqlen = max(len(r.ids) for r in requests)
+    if seqlen >= model.max_seq:
+        raise PromptTooLongError(f"prompt of {seqlen} tokens does not fit the KV cache (max_seq_len="
+                                 f"{model.max_seq}); load with a larger max_seq_len or shrink the images "
+                                 "(max_pixels)")
+    if seqlen + max_new_tokens > model.max_seq:
+        log.warning("max_new_tokens=%d cut to %d to fit max_seq_len=%d", max_new_tokens,
+                    model.max_seq - seqlen, model.max_seq)
+        max_new_tokens = model.max_seq - seqlen
+
+    ids = torch.full((bsz, seqlen), pad_id, dtype=torch.int64)
+    valid = torch.zeros(bsz, seqlen, dtype=torch.bool)
+    for b, r in enumerate(requests):  # left padding
+        ids[b, seqlen - len(r.ids):] = torch.tensor(r.ids)
+        valid[b, seqlen - len(r.ids):] = True
+    stats.prompt_tokens = int(valid.sum())
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        embeds = model.embed_tokens(ids.to(device))
+        grids = [g for r in requests for g in r.grids]
+        if grids:
+            pv = torch.cat([r.pixel_values for r in requests if r.pixel_values is not None]).to(device)
+            tv = time.perf_counter()
+            vis = model.visual.encode(pv, torch.tensor(grids))
+            _sync(device)
+            stats.vision_s = time.perf_counter() - tv
+            slots = (ids == image_token_id).to(device)
+            if int(slots.sum()) != vis.shape[0]:
+                raise ValueError(f"{int(slots.sum())} image placeholder tokens for {vis.shape[0]} vision embeddings")
+            embeds[slots] = vis.to(embeds.dtype)
+        positions, delta = rope_index(ids, grids, (image_token_id, video_token_id),
+                                      cfg.vision.spatial_merge_size, valid.long())
+        padded = not bool(valid.all())
+        mask = None
+        if padded:
+            causal = torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
+            # a pad query may attend to itself, so no softmax row is empty (NaN)
+            mask = (causal & valid[:, None, :]) | torch.eye(seqlen, dtype=torch.bool)
+            mask = mask[:, None].to(device)  # [B, 1, T, T]
+        hidden = model(embeds, positions.to(device), torch.arange(seqlen, device=device), mask, seqlen)
+        logits = model.logits(hidden[:, -1])
+        seen = ids.to(device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.int64, device=device)
+        key_valid = torch.cat([valid, torch.ones(bsz, max_new_tokens, dtype=torch.bool)], dim=1).to(device)
+        delta = delta.to(device)
+        for step in range(max_new_tokens):
+            nxt = sampler(logits, seen)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            if step == 0:
+                _sync(device)
+                stats.prefill_s = time.perf_counter() - t0
+                t_dec = time.perf_counter()
+            stats.new_tokens = step + 1
+            yield nxt
+            if not ignore_eos:
+                done |= torch.isin(nxt, stop)
+                if bool(done.all()):
+                    break
+            if step == max_new_tokens - 1:
+                break
+            slot = seqlen + step
+            seen = torch.cat([seen, nxt[:, None]], dim=1)
+            pos = (slot + delta).view(1, bsz, 1).expand(3, bsz, 1)
+            step_mask = key_valid[:, None, None, : slot + 1] if padded else None
+            hidden = model(model.embed_tokens(nxt[:, None]), pos, torch.tensor([slot], device=device),
+                           step_mask, slot + 1)
+            logits = model.logits(hidden[:, -1])
+        _sync(device)
+        stats.decode_s = time.perf_counter() - t_dec

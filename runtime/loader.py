@@ -1,0 +1,109 @@
+"""Build a Qwen2VL from a checkpoint directory: config, name map, memory-mapped weights.
+
+The model is constructed on the meta device and its parameters assigned from the mapped
+safetensors, so no second copy of the weights exists while loading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from qvl.model.config import ConfigError, Qwen2VLConfig
+from qvl.model.qwen2_vl import Qwen2VL
+from qvl.runtime.weights import Checkpoint, CheckpointError
+
+log = logging.getLogger(__name__)
+
+# HF checkpoint name -> qvl name. Official releases use `model.*` / `visual.*`; transformers 5
+# writes `model.language_model.*` / `model.visual.*`. First match wins.
+NAME_MAP = [
+    (r"^model\.language_model\.", ""),
+    (r"^model\.visual\.", "visual."),
+    (r"^model\.", ""),
+    (r"^visual\.patch_embed\.proj\.weight$", "visual.patch_embed.weight"),
+]
+# Tensors some exporters add that carry nothing the model needs.
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_pos_emb\.inv_freq)$")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def hf_to_qvl(name: str) -> str:
+    for pat, rep in NAME_MAP:
+        name = re.sub(pat, rep, name, count=1)
+    return name
+
+
+def read_config(path: Path) -> tuple[Qwen2VLConfig, dict]:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ConfigError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+    raw = json.loads(cfg_path.read_text())
+    return Qwen2VLConfig.from_hf(raw), raw
+
+
+def resolve_dtype(dtype, raw_config: dict) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dtype = raw_config.get("torch_dtype") or raw_config.get("dtype") or \
+            (raw_config.get("text_config") or {}).get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def load_model(path, dtype="float32", device="cpu") -> Qwen2VL:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg, raw = read_config(path)
+    if cfg.quantization:
+        method = cfg.quantization.get("quant_method")
+        raise NotImplementedError(f"{path}: quantized checkpoints (quant_method={method!r}) are not "
+                                  "supported by this qvl build yet")
+    dtype = resolve_dtype(dtype, raw)
+    with torch.device("meta"):
+        model = Qwen2VL(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    ckpt = Checkpoint(path)
+    state, unexpected = {}, []
+    for name in ckpt.keys():
+        ours = hf_to_qvl(name)
+        if ours not in expected:
+            if IGNORED.search(name) or (cfg.tie_word_embeddings and ours == "lm_head.weight"):
+                continue
+            unexpected.append(name)
+            continue
+        shape = ckpt.shape(name)
+        if shape != expected[ours]:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, the config implies "
+                                  f"{list(expected[ours])}")
+        if ours in state:
+            raise CheckpointError(f"{path}: tensor {ours!r} given twice (under two naming schemes)")
+        t = ckpt.get(name)
+        if t.dtype != dtype:
+            t = t.to(dtype)  # conversion copies, tensor by tensor
+        state[ours] = t.to(device)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: checkpoint lacks tensors {missing[:5]}{more}")
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{path}: checkpoint has tensors this model does not use: "
+                              f"{unexpected[:5]}{more}")
+    model.load_state_dict(state, assign=True, strict=not cfg.tie_word_embeddings)
+    model.tie_weights()
+    model.init_buffers(device)
+    log.info("loaded %s: %d tensors, %s on %s", path, len(state), dtype, device)
+    return model.eval()

@@ -1,0 +1,117 @@
+"""Memory-mapped safetensors reading, single file or sharded index.
+
+Tensors are views of a private (copy-on-write) mapping of the file: no copy is made when the
+checkpoint dtype is the compute dtype, pages come in on first touch, and RSS while loading
+stays near the size of the weights. Only the safetensors format is read: never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed eagerly, tensors mapped lazily."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{self.path}: not a safetensors file (header length {n})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = header
+        self.data_start = 8 + n
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            if e["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+            if self.data_start + end > size:
+                raise CheckpointError(f"{self.path}: tensor {name!r} runs past the end of the file "
+                                      "(truncated download?)")
+        self._mm = None
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: writable for torch, private, and backed by the page cache until written
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        dtype = _DTYPES[e["dtype"]]
+        shape = e["shape"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self._mm, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                             offset=self.data_start + begin)
+        return t.view(shape)
+
+
+class Checkpoint:
+    """All tensors of a checkpoint directory, by name."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = Path(root)
+        index = root / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {f: SafetensorsFile(root / f) for f in sorted(set(weight_map.values()))}
+            self.where = {}
+            for f in files.values():
+                for k in f.keys():
+                    self.where[k] = f
+            missing = [k for k in weight_map if k not in self.where]
+            if missing:
+                raise CheckpointError(f"{index}: lists tensors absent from its shards, e.g. {missing[:3]}")
+        else:
+            paths = sorted(root.glob("*.safetensors"))
+            if not paths:
+                found = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+                hint = f" (found {found}: pickle formats are not loaded; convert to safetensors)" if found else ""
+                raise CheckpointError(f"{root}: no *.safetensors weights{hint}")
+            self.where = {}
+            for p in paths:
+                f = SafetensorsFile(p)
+                for k in f.keys():
+                    if k in self.where:
+                        raise CheckpointError(f"{root}: tensor {k!r} appears in two files")
+                    self.where[k] = f
+
+    def keys(self):
+        return self.where.keys()
+
+    def shape(self, name):
+        return self.where[name].shape(name)
+
+    def get(self, name) -> torch.Tensor:
+        return self.where[name].get(name)
