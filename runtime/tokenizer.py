@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 _TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                         "mask_token")
 
-# Searched in this order: chat_template.jinja is the newer single-file form, chat_template.json the
-# one official Qwen2-VL checkpoints ship, tokenizer_config.json the oldest.
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+# Searched in transformers' processor order: the legacy chat_template.json (what official Qwen2-VL
+# checkpoints ship) wins over chat_template.jinja when both exist; tokenizer_config.json is last.
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja", "tokenizer_config.json")
 
 
 def _token_content(value) -> str | None:
@@ -47,17 +47,17 @@ def _pick_template(value, source: str) -> str:
 def load_chat_template(path) -> tuple[str, str]:
     """Return ``(template, file_name)`` for the checkpoint directory ``path``."""
     path = pathlib.Path(path)
-    jinja_file = path / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8"), jinja_file.name
-    for name in ("chat_template.json", "tokenizer_config.json"):
+    for name in CHAT_TEMPLATE_FILES:
         file = path / name
-        if file.is_file():
+        if name.endswith(".jinja"):
+            if file.is_file():
+                return file.read_text(encoding="utf-8"), name
+        elif file.is_file():
             data = json.loads(file.read_text(encoding="utf-8"))
             if data.get("chat_template") is not None:
                 return _pick_template(data["chat_template"], str(file)), name
     raise FileNotFoundError(
-        f"no chat template in {path}: looked for {CHAT_TEMPLATE_FILES[0]}, a 'chat_template' key in "
+        f"no chat template in {path}: looked for a 'chat_template' key in {CHAT_TEMPLATE_FILES[0]}, "
         f"{CHAT_TEMPLATE_FILES[1]}, and a 'chat_template' key in {CHAT_TEMPLATE_FILES[2]}")
 
 

@@ -138,7 +138,7 @@ def test_missing_template_and_token_errors(tmp_path, ckpt_middle):
         (tmp_path / name).write_bytes((ckpt_middle / name).read_bytes())
     tok = Tokenizer.from_dir(tmp_path)
     assert tok.encode("hi") == Tokenizer.from_dir(ckpt_middle).encode("hi")
-    with pytest.raises(ValueError, match="chat_template.jinja.*chat_template.json.*tokenizer_config.json"):
+    with pytest.raises(ValueError, match="chat_template.json.*chat_template.jinja.*tokenizer_config.json"):
         tok.apply_chat_template(MESSAGES["text_only"])
     with pytest.raises(ValueError, match="<nope>"):
         tok.token_id("<nope>")
