@@ -1,0 +1,702 @@
+"""Core CPU benchmark: qvl vs transformers on a random-weight checkpoint shaped like Qwen2-VL-2B.
+
+Run as ``python -m qvl.bench.core [--dtype bfloat16] [--new-tokens 32] [--out bench/results]``.
+
+The checkpoint (random weights with the exact Qwen2-VL-2B-Instruct config, bf16 safetensors, the
+tiny tokenizer of :mod:`qvl.scripts.tiny`) is built once and cached outside the repository under
+``$QVL_BENCH_CACHE`` (default ``~/.cache/qvl/bench``). ``--config tiny`` uses the toy dims of
+``qvl.scripts.tiny`` instead, so the whole pipeline can be smoke-tested in seconds.
+
+Each engine runs in its own fresh subprocess (so peak RSS is per engine), on the same inputs: one
+deterministic 448x448 picture plus a short prompt, greedy, a fixed number of new tokens (eos
+ignored), torch threads = number of usable cores. Every engine is warmed up with one short
+generation before the timed one. Measured per engine:
+
+* load s: the engine's load call (weights, tokenizer, image processor); imports excluded.
+* first token s: from the messages to the first new token: image load + preprocessing,
+  tokenization, vision encoder, prefill and the first sampling step.
+* decode tok/s: (new_tokens - 1) / time from the first to the last new token, batch 1.
+* peak RSS GB: ``ru_maxrss`` of the child process (``VmHWM`` is recorded too).
+* achieved GB/s: decode tok/s * bytes of decoder weights read per token.
+
+The roofline line divides the machine's memory copy bandwidth (1 GiB ``dst.copy_(src)``, read +
+write bytes, best of 5) by the bytes of decoder weights read per generated token: the text
+decoder's linear layers plus the lm_head, in the benchmark dtype. The vision tower is not read
+during decode; norms, the one embedding row and the KV cache are left out (well under 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+
+log = logging.getLogger("qvl.bench.core")
+
+# Bumped whenever the cached checkpoint's contents would change; a stale cache is rebuilt.
+BUILD_VERSION = 1
+BUILD_MARKER = "qvl_bench_build.json"
+
+# Qwen/Qwen2-VL-2B-Instruct config.json (the text fields are top level in the official layout).
+QWEN2_VL_2B_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+                        sliding_window=32768, max_window_layers=28, tie_word_embeddings=True)
+QWEN2_VL_2B_MROPE = [16, 24, 24]
+QWEN2_VL_2B_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=1536,
+                          in_chans=3, patch_size=14, spatial_patch_size=14, temporal_patch_size=2,
+                          spatial_merge_size=2)
+
+CONFIGS = {"qwen2vl-2b": "qwen2vl-2b-random", "tiny": "qwen2vl-tiny-random"}
+ENGINES = ("qvl", "transformers")
+IMAGE_SIZE = 448
+PROMPT = "Describe this picture."
+MAX_SEQ_LEN = 1024
+WARMUP_NEW_TOKENS = 2
+GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint
+
+
+def cache_root() -> pathlib.Path:
+    env = os.environ.get("QVL_BENCH_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "qvl" / "bench"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(final: pathlib.Path) -> None:
+    """Delete temp dirs left by interrupted builds (their pid is in the name)."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            log.info("removing stale partial build %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_complete(path: pathlib.Path) -> bool:
+    marker = path / BUILD_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("build_version") == BUILD_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_checkpoint(config: str, seed: int = 0) -> pathlib.Path:
+    """Return the cached checkpoint for ``config``, building it (atomically) if needed."""
+    final = cache_root() / CONFIGS[config]
+    if _is_complete(final):
+        log.info("using cached checkpoint %s", final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("building %s checkpoint in %s (one time; cached for later runs)", config, final)
+    t0 = time.perf_counter()
+    try:
+        (_build_2b if config == "qwen2vl-2b" else _build_tiny)(tmp, seed)
+        (tmp / BUILD_MARKER).write_text(json.dumps({
+            "build_version": BUILD_VERSION, "config": config, "seed": seed,
+            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+        if final.exists():  # an outdated build, or a concurrent run finished first
+            if _is_complete(final):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("checkpoint built in %.1fs: %s", time.perf_counter() - t0, final)
+    return final
+
+
+def qwen2vl_2b_config(ids: dict[str, int]) -> dict:
+    """Qwen2-VL-2B-Instruct's config.json (official flat layout) with the tokenizer's special ids."""
+    from qvl.scripts.tiny import make_config
+
+    cfg = make_config(ids, QWEN2_VL_2B_TEXT["vocab_size"], tie_word_embeddings=True, layout="flat",
+                      dtype="bfloat16")
+    cfg.update(QWEN2_VL_2B_TEXT)
+    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": list(QWEN2_VL_2B_MROPE)}
+    cfg["vision_config"] = dict(QWEN2_VL_2B_VISION)
+    return cfg
+
+
+def _build_2b(out: pathlib.Path, seed: int) -> None:
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from qvl.scripts import tiny
+
+    ids = tiny.build_tokenizer(out)
+    flat = qwen2vl_2b_config(ids)
+    config = Qwen2VLConfig(**{k: v for k, v in flat.items() if k != "architectures"})
+    # Built on meta in bf16, then materialised once: no fp32 copy, no transformers init pass.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.to_empty(device="cpu")
+    log.info("initialising %.2fB random parameters (normal(0, 0.02); norms 1, biases 0)",
+             sum(p.numel() for p in model.parameters()) / 1e9)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and name.endswith(".weight"):  # RMSNorm / LayerNorm scales
+                p.fill_(1.0)
+            elif p.ndim == 1 and name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.tie_weights()
+    log.info("saving bf16 safetensors")
+    model.save_pretrained(out)
+    del model
+    # Our files, not transformers' own, describe the checkpoint (official flat config.json).
+    tiny._write_json(out / "config.json", flat)
+    tiny._write_json(out / "generation_config.json", {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    })
+    tiny._write_json(out / "preprocessor_config.json", tiny.PREPROCESSOR_CONFIG)
+    tiny._write_chat_template(out, "chat_template.json")
+
+
+def _build_tiny(out: pathlib.Path, seed: int) -> None:
+    from qvl.scripts.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(out, weights="transformers", dtype="bfloat16", seed=seed)
+
+
+def make_image(path: pathlib.Path, size: int = IMAGE_SIZE) -> pathlib.Path:
+    """A deterministic synthetic picture (gradients, shapes, stripes) saved as PNG."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(12 * x + 7 * y)], axis=-1)
+    img = Image.fromarray((rgb * 255).clip(0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    d.ellipse((60, 60, 220, 220), fill=(220, 40, 40), outline=(0, 0, 0), width=4)
+    d.rectangle((250, 90, 400, 300), fill=(40, 160, 60))
+    d.polygon([(100, 420), (220, 260), (340, 420)], fill=(30, 60, 200))
+    for i in range(0, size, 16):
+        d.line((i, 0, i, 30), fill=(255, 255, 255) if (i // 16) % 2 else (0, 0, 0), width=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def messages_for(image_path) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": str(image_path)},
+                                         {"type": "text", "text": PROMPT}]}]
+
+
+# --------------------------------------------------------------------------------------------
+# roofline and machine
+
+
+def _text_dims(raw: dict) -> dict:
+    t = raw.get("text_config") or raw
+    return {k: t.get(k, raw.get(k)) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "vocab_size")}
+
+
+def decoder_bytes_per_token(raw_config: dict, dtype: str) -> dict:
+    """Bytes of weights one decode step reads: the decoder's linears (+ q/k/v biases) and lm_head."""
+    d = _text_dims(raw_config)
+    H, I, L = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
+    kv = d["num_key_value_heads"] * (H // d["num_attention_heads"])
+    per_layer = (H * H + H) + 2 * (kv * H + kv) + H * H + 3 * H * I
+    lm_head = d["vocab_size"] * H
+    elsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    params = L * per_layer + lm_head
+    return {"decoder_linear_params": L * per_layer, "lm_head_params": lm_head, "params": params,
+            "bytes": params * elsize, "bytes_per_element": elsize}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _meminfo_gb(key: str) -> float | None:
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict:
+    import torch
+
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        tf_version = f"unavailable ({e})"
+    import qvl
+
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mem_total_gb": _meminfo_gb("MemTotal"),
+        "mem_available_gb": _meminfo_gb("MemAvailable"),
+        "loadavg_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "qvl": qvl.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# children: each measurement runs in its own process
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _memory_report(res: dict) -> None:
+    import resource
+
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # KiB on Linux
+    hwm = _status_kb("VmHWM")
+    res["vmhwm_gb"] = hwm * 1024 / GB if hwm is not None else None
+
+
+def _rss_now_gb() -> float | None:
+    rss = _status_kb("VmRSS")
+    return rss * 1024 / GB if rss is not None else None
+
+
+def _child_bandwidth(spec: dict, res: dict) -> None:
+    import torch
+
+    n = int(spec.get("bandwidth_bytes", 1 << 30))
+    src = torch.empty(n, dtype=torch.uint8)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    dst.fill_(0)  # touch every page before timing
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    res.update(bytes=n, copy_s=times, bandwidth_gb_s=2 * n / min(times) / GB,
+               method=f"torch uint8 dst.copy_(src) of {n / 2**30:.2f} GiB, read+write bytes, best of 5")
+
+
+def _child_qvl(spec: dict, res: dict) -> None:
+    t0 = time.perf_counter()
+    import qvl
+    res["import_s"] = time.perf_counter() - t0
+
+    messages = messages_for(spec["image"])
+    log.info("qvl: loading %s (%s)", spec["ckpt"], spec["dtype"])
+    t0 = time.perf_counter()
+    eng = qvl.load(spec["ckpt"], dtype=spec["dtype"], max_seq_len=MAX_SEQ_LEN, max_batch=1)
+    res["load_s"] = time.perf_counter() - t0
+    res["engine_load_s"] = getattr(eng, "load_s", None)
+    res["rss_after_load_gb"] = _rss_now_gb()
+
+    log.info("qvl: warmup (%d new tokens)", WARMUP_NEW_TOKENS)
+    t0 = time.perf_counter()
+    eng.generate(messages, max_new_tokens=WARMUP_NEW_TOKENS, ignore_eos=True)
+    res["warmup_s"] = time.perf_counter() - t0
+
+    n = spec["new_tokens"]
+    log.info("qvl: timing (%d new tokens)", n)
+    t0 = time.perf_counter()
+    text = eng.generate(messages, max_new_tokens=n, ignore_eos=True)
+    wall = time.perf_counter() - t0
+    st = eng.last_stats
+    if st.new_tokens != n:
+        raise RuntimeError(f"qvl generated {st.new_tokens} tokens, asked for {n}")
+    res.update(
+        total_s=wall,
+        # everything but the decode steps: preprocessing, vision, prefill, first sample (+ detok)
+        first_token_s=wall - st.decode_s,
+        prefill_s=st.prefill_s,
+        vision_s=st.vision_s,
+        preprocess_s=wall - st.decode_s - st.prefill_s,
+        decode_s=st.decode_s,
+        decode_tok_s=st.decode_tok_s,
+        new_tokens=st.new_tokens,
+        prompt_tokens=st.prompt_tokens,
+        output_chars=len(text),
+    )
+
+
+def _child_transformers(spec: dict, res: dict) -> None:
+    t0 = time.perf_counter()
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers.generation.streamers import BaseStreamer
+    res["import_s"] = time.perf_counter() - t0
+
+    class Stamps(BaseStreamer):
+        """generate() calls put() with the prompt, then once per new token right after sampling."""
+
+        def __init__(self):
+            self.t, self.first = [], True
+
+        def put(self, value):
+            if self.first:
+                self.first = False
+                return
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    dtype = getattr(torch, spec["dtype"])
+    log.info("transformers: loading %s (%s)", spec["ckpt"], spec["dtype"])
+    t0 = time.perf_counter()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(spec["ckpt"], dtype=dtype).eval()
+    processor = AutoProcessor.from_pretrained(spec["ckpt"])
+    res["load_s"] = time.perf_counter() - t0
+    res["rss_after_load_gb"] = _rss_now_gb()
+    res["attn_implementation"] = model.config._attn_implementation
+    image_token_id = model.config.image_token_id
+
+    vision_t = []
+    visual = model.model.visual
+    visual.register_forward_pre_hook(lambda *_: vision_t.append(time.perf_counter()))
+    visual.register_forward_hook(lambda *_: vision_t.append(time.perf_counter()))
+
+    messages = messages_for(spec["image"])
+
+    def run(n: int) -> dict:
+        stamps = Stamps()
+        vision_t.clear()
+        t0 = time.perf_counter()
+        image = Image.open(spec["image"])
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token_id).int()  # transformers 5
+        t_pre = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 streamer=stamps)
+        t_end = time.perf_counter()
+        new = out.shape[1] - inputs["input_ids"].shape[1]
+        if new != n or len(stamps.t) != n:
+            raise RuntimeError(f"transformers generated {new} tokens ({len(stamps.t)} stamps), asked for {n}")
+        decode_s = stamps.t[-1] - stamps.t[0]
+        return dict(total_s=t_end - t0, first_token_s=stamps.t[0] - t0, preprocess_s=t_pre - t0,
+                    prefill_s=stamps.t[0] - t_pre,
+                    vision_s=vision_t[1] - vision_t[0] if len(vision_t) >= 2 else None,
+                    decode_s=decode_s, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+                    new_tokens=new, prompt_tokens=int(inputs["input_ids"].shape[1]))
+
+    log.info("transformers: warmup (%d new tokens)", WARMUP_NEW_TOKENS)
+    t0 = time.perf_counter()
+    run(WARMUP_NEW_TOKENS)
+    res["warmup_s"] = time.perf_counter() - t0
+    log.info("transformers: timing (%d new tokens)", spec["new_tokens"])
+    res.update(run(spec["new_tokens"]))
+
+
+CHILDREN = {"bandwidth": _child_bandwidth, "qvl": _child_qvl, "transformers": _child_transformers}
+
+
+def child_main(kind: str, spec_path: str) -> int:
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    res = {"kind": kind, "threads": torch.get_num_threads(), "pid": os.getpid()}
+    rc = 0
+    try:
+        CHILDREN[kind](spec, res)
+    except Exception as e:  # noqa: BLE001 - the parent reports it in the table
+        log.error("%s failed: %s", kind, traceback.format_exc())
+        res["error"] = f"{type(e).__name__}: {e}"
+        rc = 1
+    _memory_report(res)
+    tmp = pathlib.Path(spec["result"] + ".part")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.rename(spec["result"])
+    return rc
+
+
+def _warm_page_cache(ckpt: pathlib.Path) -> None:
+    """Read the weight files once so that no engine pays for (or benefits from) a cold disk."""
+    buf = bytearray(64 << 20)
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def run_child(kind: str, spec: dict, workdir: pathlib.Path, timeout: float) -> dict:
+    """Run one measurement in a fresh interpreter; never raises, errors come back as ``error``."""
+    spec = dict(spec, result=str(workdir / f"{kind}.json"))
+    spec_path = workdir / f"{kind}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "qvl.bench.core", "--child", kind, "--child-spec", str(spec_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tail: deque[str] = deque(maxlen=40)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                errors="replace")
+    except OSError as e:
+        return {"kind": kind, "error": f"could not start child: {e}"}
+
+    def pump():
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            print(f"  [{kind}] {line}", file=sys.stderr, flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    reader.join(timeout=5)
+    wall = time.perf_counter() - t0
+    result_file = pathlib.Path(spec["result"])
+    res = json.loads(result_file.read_text()) if result_file.is_file() else {"kind": kind}
+    res["child_wall_s"] = wall
+    if rc is None:
+        res["error"] = f"timed out after {timeout:.0f}s"
+    elif rc != 0 and "error" not in res:
+        why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+        if rc == -9:
+            why += " (out of memory?)"
+        res["error"] = f"child {why}"
+    if "error" in res:
+        res["log_tail"] = list(tail)
+        log.error("%s: %s", kind, res["error"])
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _ok(r: dict | None) -> bool:
+    return bool(r) and "error" not in r
+
+
+def compute_summary(result: dict) -> None:
+    bpt = result["roofline"]["bytes_per_token"]
+    for r in result["engines"].values():
+        if _ok(r):
+            r["achieved_gb_s"] = r["decode_tok_s"] * bpt / GB
+    q, t = result["engines"].get("qvl"), result["engines"].get("transformers")
+    if _ok(q) and _ok(t):
+        result["ratios_qvl_over_transformers"] = {
+            k: (q[k] / t[k] if t.get(k) else None)
+            for k in ("load_s", "first_token_s", "decode_tok_s", "peak_rss_gb", "achieved_gb_s")}
+    bw = result.get("bandwidth") or {}
+    if _ok(bw):
+        roof = bw["bandwidth_gb_s"] * GB / bpt
+        result["roofline"]["bandwidth_gb_s"] = bw["bandwidth_gb_s"]
+        result["roofline"]["decode_tok_s_upper_bound"] = roof
+        if _ok(q):
+            result["roofline"]["qvl_fraction_of_roofline"] = q["decode_tok_s"] / roof
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def render_markdown(result: dict) -> str:
+    m, ro = result["machine"], result["roofline"]
+    attn = (result["engines"].get("transformers") or {}).get("attn_implementation", "sdpa")
+    cols = ("load s", "first token s", "decode tok/s", "peak RSS GB", "achieved GB/s")
+    lines = [
+        f"# qvl core benchmark: {result['config']} ({result['checkpoint_desc']}), {result['dtype']}",
+        "",
+        f"{m['cpu_model']}, {m['usable_cores']} cores ({m['cpu_capability']}), "
+        f"{_f(m['mem_total_gb'], '{:.0f}')} GB RAM; torch {m['torch']}, transformers {m['transformers']}, "
+        f"qvl {m['qvl']}; {m['date']}; load avg at start {m['loadavg_start'][0]:.2f}.",
+        f"Input: one {IMAGE_SIZE}x{IMAGE_SIZE} image + \"{PROMPT}\" "
+        f"({result.get('prompt_tokens', '?')} prompt tokens), greedy, {result['new_tokens']} new tokens "
+        f"(eos ignored), batch 1, {result['threads']} torch threads, warmed up once. "
+        f"transformers uses its default attention (`{attn}`).",
+        "",
+        "| engine | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    keys = ("load_s", "first_token_s", "decode_tok_s", "peak_rss_gb", "achieved_gb_s")
+    for name in result["engines_requested"]:
+        r = result["engines"].get(name) or {"error": "not run"}
+        label = name if name != "transformers" else f"transformers ({attn})"
+        if _ok(r):
+            lines.append(f"| {label} | " + " | ".join(_f(r.get(k)) for k in keys) + " |")
+        else:
+            err = str(r.get("error", "?")).replace("|", "/").replace("\n", " ")[:200]
+            lines.append(f"| {label} | ERROR: {err} |" + " |" * (len(cols) - 1))
+    ratios = result.get("ratios_qvl_over_transformers")
+    if ratios:
+        lines.append("| qvl/transformers | " + " | ".join(_f(ratios.get(k), "{:.2f}x") for k in keys) + " |")
+    lines.append("")
+    if "decode_tok_s_upper_bound" in ro:
+        frac = ro.get("qvl_fraction_of_roofline")
+        lines.append(
+            f"Roofline: copy bandwidth {ro['bandwidth_gb_s']:.1f} GB/s / {ro['bytes_per_token'] / GB:.3f} GB "
+            f"of decoder weights per token ({result['dtype']}: linears + lm_head) = "
+            f"{ro['decode_tok_s_upper_bound']:.2f} tok/s upper bound"
+            + (f"; qvl reaches {100 * frac:.0f}% of it." if frac is not None else "."))
+    else:
+        lines.append(f"Roofline: bandwidth measurement failed ({(result.get('bandwidth') or {}).get('error')}); "
+                     f"{ro['bytes_per_token'] / GB:.3f} GB of decoder weights per token.")
+    lines.append("")
+    lines.append("first token s = image load + preprocessing + tokenization + vision encoder + prefill + "
+                 "first sample. Splits (s): " + "; ".join(
+                     f"{n}: preprocess {_f(r.get('preprocess_s'))}, vision {_f(r.get('vision_s'))}, "
+                     f"prefill incl. vision {_f(r.get('prefill_s'))}"
+                     for n, r in result["engines"].items() if _ok(r)) + ".")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default="bench/results", help="folder for core-<dtype>.json / .md")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of qvl,transformers")
+    ap.add_argument("--config", choices=tuple(CONFIGS), default="qwen2vl-2b",
+                    help="qwen2vl-2b: real Qwen2-VL-2B shapes; tiny: toy dims for smoke tests")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per engine")
+    ap.add_argument("--child", choices=tuple(CHILDREN), help=argparse.SUPPRESS)
+    ap.add_argument("--child-spec", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.child:
+        return child_main(args.child, args.child_spec)
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        ap.error(f"--engines must be a comma-separated subset of {','.join(ENGINES)}, got {args.engines!r}")
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (decode speed excludes the first token)")
+    threads = args.threads or usable_cores()
+
+    ckpt = ensure_checkpoint(args.config)
+    raw_config = json.loads((ckpt / "config.json").read_text())
+    result = {
+        "config": args.config,
+        "checkpoint": str(ckpt),
+        "checkpoint_desc": "random weights, Qwen2-VL-2B-Instruct config" if args.config == "qwen2vl-2b"
+        else "random weights, qvl.scripts.tiny dims",
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "threads": threads,
+        "engines_requested": engines,
+        "machine": machine_info(),
+        "roofline": {**{f"{k}": v for k, v in decoder_bytes_per_token(raw_config, args.dtype).items()
+                        if k != "bytes"},
+                     "bytes_per_token": decoder_bytes_per_token(raw_config, args.dtype)["bytes"]},
+        "engines": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="qvl-bench-") as work:
+        work = pathlib.Path(work)
+        image = make_image(work / "bench.png")
+        spec = {"ckpt": str(ckpt), "image": str(image), "dtype": args.dtype, "new_tokens": args.new_tokens,
+                "threads": threads,
+                "bandwidth_bytes": (1 << 30) if args.config == "qwen2vl-2b" else (128 << 20)}
+        log.info("measuring memory copy bandwidth")
+        result["bandwidth"] = run_child("bandwidth", spec, work, args.timeout)
+        for name in engines:
+            log.info("page cache warm-up, then %s in a fresh process", name)
+            _warm_page_cache(ckpt)
+            result["engines"][name] = run_child(name, spec, work, args.timeout)
+    prompts = {r.get("prompt_tokens") for r in result["engines"].values() if _ok(r)}
+    if len(prompts) > 1:
+        log.warning("engines saw different prompt lengths: %s", sorted(prompts))
+    result["prompt_tokens"] = "/".join(str(p) for p in sorted(prompts)) if prompts else "?"
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    compute_summary(result)
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"core-{args.dtype}" if args.config == "qwen2vl-2b" else f"core-{args.config}-{args.dtype}"
+    md = render_markdown(result)
+    for path, text in ((out / f"{stem}.json", json.dumps(result, indent=2) + "\n"), (out / f"{stem}.md", md)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.rename(path)
+    print(md)
+    log.info("wrote %s and %s", out / f"{stem}.json", out / f"{stem}.md")
+    return 0 if all(_ok(result["engines"].get(e)) for e in engines) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The qvl command line, run as a user would (a subprocess), against the Python API's answers."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import qvl
+
+
+def _qvl(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "qvl.runtime.cli", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "pic.png"
+    Image.new("RGB", (100, 60), "red").save(p)
+    return p
+
+
+def test_run_prints_the_api_answer(tiny_ckpt, picture):
+    r = _qvl("run", tiny_ckpt, "--image", picture, "--max-new-tokens", 12, "What is this?")
+    assert r.returncode == 0, r.stderr
+    eng = qvl.load(tiny_ckpt)
+    expected = eng.generate([{"role": "user", "content": [{"type": "image", "image": str(picture)},
+                                                            {"type": "text", "text": "What is this?"}]}],
+                            max_new_tokens=12)
+    assert r.stdout == expected + "\n"
+    assert "tok/s" in r.stderr and "peak RSS" in r.stderr
+
+
+def test_run_bad_image_is_a_clear_error(tiny_ckpt, tmp_path):
+    r = _qvl("run", tiny_ckpt, "--image", tmp_path / "missing.png", "hi")
+    assert r.returncode == 2
+    assert "missing.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_keeps_history_and_survives_errors(tiny_ckpt, picture, tmp_path):
+    script = f"/image {tmp_path / 'nope.png'}\nfirst\n/image {picture}\nsecond\n"
+    r = _qvl("chat", tiny_ckpt, "--max-new-tokens", 6, stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "nope.png" in r.stderr  # the bad image turn fails, the session goes on
+    assert r.stderr.count("prompt tokens") == 1  # one successful turn: "second" with the picture
+
+
+def test_demo_on_a_given_model(tiny_ckpt, tmp_path):
+    r = _qvl("demo", "--model", tiny_ckpt, "--workdir", tmp_path, "--max-new-tokens", 4)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Q: ") == 2 and (tmp_path / "demo.png").exists()
+
+
+def test_demo_builds_the_default_model(tmp_path):
+    import os
+
+    env = {**os.environ, "QVL_CACHE": str(tmp_path)}
+    r = _qvl("demo", "--max-new-tokens", 4, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tiny-default" / "config.json").exists()
