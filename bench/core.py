@@ -389,11 +389,33 @@ def _child_qvl(spec: dict, res: dict) -> None:
     )
 
 
+def _load_hf_processor(path):
+    """``AutoProcessor.from_pretrained``, also without torchvision.
+
+    Qwen2VLProcessor insists on a video processor, which needs torchvision; the image and text
+    paths never touch it, so without torchvision None stands in for it (this child process is
+    thrown away afterwards, so the patch is not undone).
+    """
+    import importlib
+    import importlib.util
+
+    from transformers import AutoProcessor, ProcessorMixin
+
+    if importlib.util.find_spec("torchvision") is None:
+        vpa = importlib.import_module("transformers.models.auto.video_processing_auto")
+        check = ProcessorMixin.check_argument_for_proper_class
+        ProcessorMixin.check_argument_for_proper_class = (
+            lambda self, name, arg: None if arg is None and name == "video_processor" else check(self, name, arg))
+        # the lazy placeholder raises on attribute reads, so swap by hand
+        type.__setattr__(vpa.AutoVideoProcessor, "from_pretrained", classmethod(lambda cls, *a, **k: None))
+    return AutoProcessor.from_pretrained(path)
+
+
 def _child_transformers(spec: dict, res: dict) -> None:
     t0 = time.perf_counter()
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
     from transformers.generation.streamers import BaseStreamer
     res["import_s"] = time.perf_counter() - t0
 
@@ -416,10 +438,11 @@ def _child_transformers(spec: dict, res: dict) -> None:
     log.info("transformers: loading %s (%s)", spec["ckpt"], spec["dtype"])
     t0 = time.perf_counter()
     model = Qwen2VLForConditionalGeneration.from_pretrained(spec["ckpt"], dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(spec["ckpt"])
+    processor = _load_hf_processor(spec["ckpt"])
     res["load_s"] = time.perf_counter() - t0
     res["rss_after_load_gb"] = _rss_now_gb()
     res["attn_implementation"] = model.config._attn_implementation
+    res["image_processor"] = type(processor.image_processor).__name__
     image_token_id = model.config.image_token_id
 
     vision_t = []
@@ -492,6 +515,39 @@ def _warm_page_cache(ckpt: pathlib.Path) -> None:
                 pass
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    try:
+        f = [int(x) for x in pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    return sum(f) - idle, sum(f)
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_for_idle(max_wait: float, threshold: float = 0.3) -> float:
+    """Wait up to ``max_wait`` s until other processes use under ``threshold`` of the CPUs."""
+    t0 = time.perf_counter()
+    while True:
+        a = _cpu_jiffies()
+        time.sleep(5)
+        b = _cpu_jiffies()
+        busy = (b[0] - a[0]) / max(b[1] - a[1], 1) if a and b else 0.0
+        waited = time.perf_counter() - t0
+        if busy < threshold or waited >= max_wait:
+            if busy >= threshold:
+                log.warning("machine still %.0f%% busy after waiting %.0fs; measuring anyway", 100 * busy, waited)
+            return busy
+        log.info("machine %.0f%% busy with other work; waiting (%.0fs so far)", 100 * busy, waited)
+
+
 def run_child(kind: str, spec: dict, workdir: pathlib.Path, timeout: float) -> dict:
     """Run one measurement in a fresh interpreter; never raises, errors come back as ``error``."""
     spec = dict(spec, result=str(workdir / f"{kind}.json"))
@@ -500,6 +556,7 @@ def run_child(kind: str, spec: dict, workdir: pathlib.Path, timeout: float) -> d
     cmd = [sys.executable, "-m", "qvl.bench.core", "--child", kind, "--child-spec", str(spec_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tail: deque[str] = deque(maxlen=40)
+    jiffies0, cpu0 = _cpu_jiffies(), _children_cpu_s()
     t0 = time.perf_counter()
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
@@ -523,9 +580,16 @@ def run_child(kind: str, spec: dict, workdir: pathlib.Path, timeout: float) -> d
         rc = None
     reader.join(timeout=5)
     wall = time.perf_counter() - t0
+    jiffies1, cpu1 = _cpu_jiffies(), _children_cpu_s()
     result_file = pathlib.Path(spec["result"])
     res = json.loads(result_file.read_text()) if result_file.is_file() else {"kind": kind}
     res["child_wall_s"] = wall
+    if jiffies0 and jiffies1:
+        # CPU used by everything else on the machine while this child ran, as a share of all CPUs
+        hz = os.sysconf("SC_CLK_TCK")
+        busy_s = (jiffies1[0] - jiffies0[0]) / hz
+        total_s = (jiffies1[1] - jiffies0[1]) / hz
+        res["other_cpu_share"] = max(0.0, (busy_s - (cpu1 - cpu0)) / total_s) if total_s > 0 else None
     if rc is None:
         res["error"] = f"timed out after {timeout:.0f}s"
     elif rc != 0 and "error" not in res:
@@ -572,7 +636,8 @@ def _f(x, fmt="{:.2f}") -> str:
 
 def render_markdown(result: dict) -> str:
     m, ro = result["machine"], result["roofline"]
-    attn = (result["engines"].get("transformers") or {}).get("attn_implementation", "sdpa")
+    tf = result["engines"].get("transformers") or {}
+    attn = tf.get("attn_implementation", "?")
     cols = ("load s", "first token s", "decode tok/s", "peak RSS GB", "achieved GB/s")
     lines = [
         f"# qvl core benchmark: {result['config']} ({result['checkpoint_desc']}), {result['dtype']}",
@@ -583,7 +648,8 @@ def render_markdown(result: dict) -> str:
         f"Input: one {IMAGE_SIZE}x{IMAGE_SIZE} image + \"{PROMPT}\" "
         f"({result.get('prompt_tokens', '?')} prompt tokens), greedy, {result['new_tokens']} new tokens "
         f"(eos ignored), batch 1, {result['threads']} torch threads, warmed up once. "
-        f"transformers uses its default attention (`{attn}`).",
+        f"transformers uses its default attention (`{attn}`) and image processor "
+        f"(`{tf.get('image_processor', '?')}`).",
         "",
         "| engine | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -612,6 +678,11 @@ def render_markdown(result: dict) -> str:
         lines.append(f"Roofline: bandwidth measurement failed ({(result.get('bandwidth') or {}).get('error')}); "
                      f"{ro['bytes_per_token'] / GB:.3f} GB of decoder weights per token.")
     lines.append("")
+    shares = {n: r.get("other_cpu_share") for n, r in result["engines"].items() if r.get("other_cpu_share") is not None}
+    if shares:
+        lines.append("CPU used by other processes while each engine ran (share of all cores): " + ", ".join(
+            f"{n} {100 * v:.0f}%" for n, v in shares.items())
+            + (" -- the machine was shared; treat the numbers as noisy." if max(shares.values()) > 0.1 else "."))
     lines.append("first token s = image load + preprocessing + tokenization + vision encoder + prefill + "
                  "first sample. Splits (s): " + "; ".join(
                      f"{n}: preprocess {_f(r.get('preprocess_s'))}, vision {_f(r.get('vision_s'))}, "
@@ -634,6 +705,8 @@ def main(argv=None) -> int:
                     help="qwen2vl-2b: real Qwen2-VL-2B shapes; tiny: toy dims for smoke tests")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per engine")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each measurement wait up to this many seconds for other CPU load to go away")
     ap.add_argument("--child", choices=tuple(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--child-spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -672,11 +745,15 @@ def main(argv=None) -> int:
         spec = {"ckpt": str(ckpt), "image": str(image), "dtype": args.dtype, "new_tokens": args.new_tokens,
                 "threads": threads,
                 "bandwidth_bytes": (1 << 30) if args.config == "qwen2vl-2b" else (128 << 20)}
+        if args.wait_idle:
+            wait_for_idle(args.wait_idle)
         log.info("measuring memory copy bandwidth")
         result["bandwidth"] = run_child("bandwidth", spec, work, args.timeout)
         for name in engines:
             log.info("page cache warm-up, then %s in a fresh process", name)
             _warm_page_cache(ckpt)
+            if args.wait_idle:
+                wait_for_idle(args.wait_idle)
             result["engines"][name] = run_child(name, spec, work, args.timeout)
     prompts = {r.get("prompt_tokens") for r in result["engines"].values() if _ok(r)}
     if len(prompts) > 1:

@@ -25,22 +25,12 @@ class Request:
     text: str = ""
 
 
-def validate_messages(messages) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r:.200}")
-        if not isinstance(m["content"], (str, list)):
-            raise ValueError(f"messages[{i}]['content'] must be a str or a list of items, "
-                             f"got {type(m['content']).__name__}")
-
-
 def build_request(messages, tokenizer: Tokenizer, processor: ImageProcessor, merge: int,
                   add_vision_id: bool = False) -> Request:
-    validate_messages(messages)
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    items = extract_images(messages)  # also validates the shape of every message and item
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, add_vision_id=add_vision_id)
-    items = extract_images(messages)
     images = [fetch_image(it) for it in items]
     pixel_values, grids = None, []
     if images:
