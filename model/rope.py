@@ -4,6 +4,11 @@ Host-side bookkeeping (``rope_index``) runs once per prompt, as transformers'
 ``Qwen2VLModel.get_rope_index``: text tokens advance all three axes together; an image or
 video block gets (t, row, col) ids offset by the running position, and text after it
 resumes at ``offset + max(h, w) / merge``. Decode then needs only ``input_pos + rope_delta``.
+
+Videos follow transformers 5.x, the reference here: the temporal id of frame pair k is
+``offset + k`` and the text resumes at ``offset + max(h, w) / merge`` whatever t is, so for a
+video with more frame pairs than that, the following text reuses temporal ids of the video.
+The original Qwen2-VL code (transformers 4.x) resumed at ``offset + max(t, h/merge, w/merge)``.
 """
 
 from __future__ import annotations

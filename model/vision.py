@@ -58,23 +58,27 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin, cu_seqlens: list[int]):
+    def forward(self, x, cos, sin, cu_seqlens: list[int] | None, mask: torch.Tensor | None = None):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, Dh] each
         # rotary in fp32 as the reference does; cos/sin [N, Dh] -> [N, 1, Dh]
         c, s = cos[:, None], sin[:, None]
         q = (q.float() * c + rotate_half(q.float()) * s).to(v.dtype)
         k = (k.float() * c + rotate_half(k.float()) * s).to(v.dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, Dh]
-        if len(cu_seqlens) == 2:
+        # [1, H, N, Dh]: with 4-D inputs torch's CPU SDPA takes its fused kernel; 3-D ones fall
+        # back to the math path, 3-9x slower at vision sizes (torch 2.13)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif len(cu_seqlens) == 2:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             # one frame per chunk: no [N, N] mask, memory stays linear in the number of frames
             out = torch.cat([
-                F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b])
+                F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
                 for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])
-            ], dim=1)
-        return self.proj(out.transpose(0, 1).reshape(n, -1))
+            ], dim=2)
+        return self.proj(out[0].transpose(0, 1).reshape(n, -1))  # [H, N, Dh] -> [N, H * Dh]
 
 
 class VisionMLP(nn.Module):
@@ -96,8 +100,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg.embed_dim, cfg.num_heads)
         self.mlp = VisionMLP(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, cu_seqlens, mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -126,8 +130,14 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.weight.dtype
 
-    def forward(self, pixel_values: torch.Tensor, pos_hw: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
-        """pixel_values [N, C*T*P*P] -> merged embeddings [N / merge**2, hidden_size]."""
+    def forward(self, pixel_values: torch.Tensor, pos_hw: torch.Tensor, cu_seqlens: list[int] | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [N, C*T*P*P] -> merged embeddings [N / merge**2, hidden_size].
+
+        Attention stays inside one frame: eager callers give the frame boundaries ``cu_seqlens``
+        (per-frame SDPA, memory linear in the frame count); a traced graph, where boundaries are
+        data rather than Python ints, gives ``mask`` [N, N] instead (bool, True = attend, or additive).
+        """
         c = self.cfg
         x = pixel_values.to(self.dtype).view(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
         # a Conv3d whose stride equals its kernel is one matmul over flattened patches
@@ -135,7 +145,7 @@ class VisionTower(nn.Module):
         x = x.flatten(1) @ w.t()  # [N, E]
         cos, sin = self.rotary(pos_hw)
         for blk in self.blocks:
-            x = blk(x, cos, sin, cu_seqlens)
+            x = blk(x, cos, sin, cu_seqlens, mask)
         return self.merger(x)
 
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

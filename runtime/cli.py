@@ -1,4 +1,4 @@
-"""The ``qvl`` command line: run, chat, demo."""
+"""The ``qvl`` command line: run, chat, demo, export, eval."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import os
 import resource
 import sys
 from pathlib import Path
+
+from qvl.bench.eval import register as register_eval
+from qvl.export.cli import register as register_export
 
 log = logging.getLogger("qvl")
 
@@ -19,7 +22,8 @@ def _peak_rss_mb() -> float:
 def _load(args):
     import qvl
 
-    return qvl.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    return qvl.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                    vision_backend=args.vision_backend)
 
 
 def _gen_kwargs(args) -> dict:
@@ -86,11 +90,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qvl"))
 
 
-def default_model_dir() -> Path:
-    """The embedded default model: a tiny random-weight Qwen2-VL built on first use.
+TOY_MODEL = Path(__file__).resolve().parent.parent / "scripts" / "qvl-toy"
 
-    It exercises the whole pipeline; its answers are noise. (A trained default replaces it.)
-    """
+
+def default_model_dir() -> Path:
+    """The embedded default model: qvl-toy (trained on synthetic pictures by
+    ``qvl.scripts.train_toy``) when it ships with this copy of qvl, else a tiny random-weight
+    Qwen2-VL built on first use, which runs the whole pipeline but answers noise."""
+    if (TOY_MODEL / "config.json").exists():
+        return TOY_MODEL
     from qvl.scripts.tiny import write_tiny_checkpoint
 
     root = cache_dir() / "tiny-default"
@@ -101,23 +109,22 @@ def default_model_dir() -> Path:
 
 
 def cmd_demo(args) -> int:
-    from PIL import Image, ImageDraw
+    from qvl.scripts.synth import demo_pictures
 
     model = args.model or default_model_dir()
-    img = Image.new("RGB", (448, 336), "white")
-    d = ImageDraw.Draw(img)
-    d.ellipse((40, 60, 180, 200), fill="red")
-    d.rectangle((260, 120, 400, 260), fill="blue")
-    path = Path(args.workdir or cache_dir()) / "demo.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    workdir = Path(args.workdir or cache_dir())
+    workdir.mkdir(parents=True, exist_ok=True)
     args.model = str(model)
     engine = _load(args)
-    print(f"model: {model}\nimage: {path} ({img.width}x{img.height})")
-    for q in ("What shapes are in the picture?", "What colour is the circle?"):
-        answer = engine.generate(_user_message(q, [str(path)]), **_gen_kwargs(args))
-        print(f"Q: {q}\nA: {answer!r}")
-        _print_stats(engine, sys.stdout)
+    print(f"model: {model}")
+    for k, (img, questions) in enumerate(demo_pictures()):
+        path = workdir / f"demo{'' if k == 0 else k}.png"
+        img.save(path)
+        print(f"\nimage: {path} ({img.width}x{img.height})")
+        for q, drawn in questions:
+            answer = engine.generate(_user_message(q, [str(path)]), **_gen_kwargs(args))
+            print(f"Q: {q}\nA: {answer!r}  (drawn: {drawn})")
+            _print_stats(engine, sys.stdout)
     return 0
 
 
@@ -134,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--image", action="append", help="image path (repeatable)")
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+        sp.add_argument("--vision-backend", default="torch", choices=["torch", "onnx"],
+                        help="onnx: run MODEL/vision.onnx in onnxruntime (made by `qvl export onnx`)")
         sp.add_argument("--max-seq-len", type=int, default=4096)
         sp.add_argument("--max-new-tokens", type=int, default=128)
         sp.add_argument("--temperature", type=float, default=0.0)
@@ -153,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(dm, model_required=False)
     dm.add_argument("--workdir", help="where to write the demo image")
     dm.set_defaults(func=cmd_demo, max_new_tokens=24)
+    register_export(sub)
+    register_eval(sub)
     return p
 
 
@@ -162,7 +173,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError) as e:
         print(f"qvl: error: {e}", file=sys.stderr)
         return 2
 

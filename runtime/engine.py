@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 
+from qvl.runtime.fetch import FetchPolicy
 from qvl.runtime.generate import Stats, generate_ids
-from qvl.runtime.loader import load_model
+from qvl.runtime.loader import load_model, read_config
+from qvl.runtime.onnx_vision import OnnxVision
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
 from qvl.runtime.prompt import build_request
 from qvl.runtime.sampler import Sampler, SamplingParams
 from qvl.runtime.tokenizer import Tokenizer
+from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +35,24 @@ def _stop_ids(path: Path, tokenizer: Tokenizer) -> set[int]:
 
 
 class Engine:
-    def __init__(self, path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1):
+    def __init__(self, path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1, allow_remote=None,
+                 vision_backend="torch"):
         path = Path(path)
         t0 = time.perf_counter()
         self.device = torch.device(device)
-        self.model = load_model(path, dtype=dtype, device=self.device)
+        if vision_backend not in ("torch", "onnx"):
+            raise ValueError(f"vision_backend {vision_backend!r}: use 'torch' or 'onnx'")
+        self.vision = None  # None: the model's own torch tower
+        if vision_backend == "onnx":  # checked before the weights load: a wrong file fails fast
+            merge = read_config(path)[0].vision.spatial_merge_size
+            self.vision = OnnxVision.from_checkpoint(path, merge)
+        self.model = load_model(path, dtype=dtype, device=self.device, vision=self.vision is None)
         self.dtype = self.model.embed_tokens.weight.dtype
         self.model.setup_caches(max_batch, max_seq_len, self.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(path)
         self.processor = ImageProcessor(ImageProcessorConfig.from_dir(path))
+        self.video_processor = VideoProcessor(VideoProcessorConfig.from_dir(path))
+        self.fetch_policy = FetchPolicy.from_env(allow_remote)
         self.stop_ids = _stop_ids(path, self.tokenizer)
         cfg = self.model.cfg
         self.pad_id = self._pad_id(path)
@@ -57,15 +69,17 @@ class Engine:
                 return int(pad)
         return min(self.stop_ids)
 
-    def _run(self, batch, max_new_tokens, sampling: SamplingParams, add_vision_id, ignore_eos):
+    def _run(self, batch, max_new_tokens, sampling: SamplingParams, add_vision_id, ignore_eos, sampler=None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         merge = self.model.cfg.vision.spatial_merge_size
-        reqs = [build_request(m, self.tokenizer, self.processor, merge, add_vision_id) for m in batch]
+        reqs = [build_request(m, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
+                              self.fetch_policy) for m in batch]
         self.last_stats = Stats()
-        return generate_ids(self.model, reqs, Sampler(sampling, self.device), max_new_tokens, self.stop_ids,
+        sampler = Sampler(sampling, self.device) if sampler is None else sampler
+        return generate_ids(self.model, reqs, sampler, max_new_tokens, self.stop_ids,
                             self.pad_id, self.image_token_id, self.video_token_id, self.last_stats,
-                            self.device, ignore_eos)
+                            self.device, ignore_eos, vision=self.vision)
 
     def generate_ids(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                      repetition_penalty=1.0, seed=None, add_vision_id=False, ignore_eos=False):
@@ -89,6 +103,23 @@ class Engine:
             return self.tokenizer.decode(ids)
         return [self.tokenizer.decode(x) for x in ids]
 
+    def score(self, messages, answer_ids, add_vision_id=False) -> torch.Tensor:
+        """Teacher-forced log-probabilities [len(answer_ids), vocab] (float32, on the CPU).
+
+        Row i is the model's distribution for the token after the prompt and ``answer_ids[:i]``.
+        The answer runs through the same prefill and cached decode steps as ``generate``, so for
+        the ids greedy decoding produced, every row's argmax is the token it chose.
+        """
+        if not _is_single(messages):
+            raise ValueError("score() takes one conversation (a list of message dicts)")
+        answer_ids = [int(i) for i in answer_ids]
+        if not answer_ids:
+            raise ValueError("score() needs at least one answer token")
+        forced = _ForcedTokens(answer_ids, self.device)
+        for _ in self._run([messages], len(answer_ids), SamplingParams(), add_vision_id, True, sampler=forced):
+            pass
+        return torch.stack(forced.rows)
+
     def stream(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                repetition_penalty=1.0, seed=None, add_vision_id=False, ignore_eos=False) -> Iterator[str]:
         """Yield text pieces of one conversation's answer as they are decoded."""
@@ -108,6 +139,19 @@ class Engine:
             yield tail
 
 
+class _ForcedTokens:
+    """Stands in for the sampler: keeps each step's log-probs and feeds the given token instead."""
+
+    def __init__(self, ids: list[int], device):
+        self.ids = torch.tensor(ids, dtype=torch.int64, device=device)
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        self.rows.append(torch.log_softmax(logits[0].float(), dim=-1).cpu())
+        k = len(self.rows) - 1
+        return self.ids[k : k + 1]
+
+
 def _is_single(messages) -> bool:
     """A conversation is a list of dicts; a batch is a list of such lists."""
     if not isinstance(messages, list) or not messages:
@@ -115,10 +159,16 @@ def _is_single(messages) -> bool:
     return isinstance(messages[0], dict)
 
 
-def load(path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1) -> Engine:
+def load(path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1, allow_remote=None,
+         vision_backend="torch") -> Engine:
     """Load a Qwen2-VL checkpoint directory for inference.
 
     ``dtype``: "float32", "bfloat16", "float16" or "auto" (the checkpoint's). The KV cache,
     ``[max_batch, kv_heads, max_seq_len, head_dim]`` per layer, is allocated here once.
+    ``allow_remote``: fetch http(s) images/videos named in messages (default: the
+    ``QVL_ALLOW_REMOTE`` env var, else off); limits in ``engine.fetch_policy``.
+    ``vision_backend``: "torch", or "onnx" to run the vision tower from ``path/vision.onnx`` in
+    onnxruntime (see ``qvl export onnx``); its torch weights are then not loaded.
     """
-    return Engine(path, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch)
+    return Engine(path, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
+                  allow_remote=allow_remote, vision_backend=vision_backend)

@@ -17,8 +17,14 @@ from qvl.model.qwen2_vl import Qwen2VL
 from qvl.model.rope import rope_index
 from qvl.runtime.prompt import Request
 from qvl.runtime.sampler import Sampler
+from qvl.runtime.video_processor import VideoPatches
 
 log = logging.getLogger(__name__)
+
+
+# patches per vision-tower call for videos (7 frame pairs of 280x392): float pixel rows are
+# 4.7 KB a patch, so a chunk costs ~20 MB of rows plus its activations; images go in whole
+VIDEO_CHUNK_PATCHES = 4096
 
 
 class PromptTooLongError(ValueError):
@@ -44,11 +50,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def encode_video(tower, video: VideoPatches, device, max_patches: int = VIDEO_CHUNK_PATCHES) -> torch.Tensor:
+    """Merged embeddings of one video, run through the tower a few frame pairs at a time.
+
+    Vision attention never crosses a frame pair, so chunks at pair boundaries give the same
+    embeddings as one pass, while activations and float pixel rows stay bounded by the chunk.
+    """
+    t, h, w = video.grid
+    step = max(1, max_patches // (h * w))
+    out = []
+    for t0 in range(0, t, step):
+        t1 = min(t, t0 + step)
+        out.append(tower.encode(video.rows(t0, t1).to(device), torch.tensor([[t1 - t0, h, w]])))
+    return torch.cat(out)
+
+
 def generate_ids(model: Qwen2VL, requests: list[Request], sampler: Sampler, max_new_tokens: int,
                  stop_ids: set[int], pad_id: int, image_token_id: int, video_token_id: int,
-                 stats: Stats, device="cpu", ignore_eos: bool = False) -> Iterator[torch.Tensor]:
-    """Yield the next token ids [B] step by step; a finished row keeps yielding ``pad_id``."""
+                 stats: Stats, device="cpu", ignore_eos: bool = False, vision=None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids [B] step by step; a finished row keeps yielding ``pad_id``.
+
+    ``vision``: the tower to run, anything with ``encode(pixel_values, grid_thw) -> embeds``
+    (default ``model.visual``; ``OnnxVision`` runs it in onnxruntime).
+    """
     cfg = model.cfg
+    tower = model.visual if vision is None else vision
     bsz = len(requests)
     if bsz > model.max_batch:
         raise ValueError(f"batch of {bsz} exceeds max_batch={model.max_batch} set at load")
@@ -75,13 +101,24 @@ def generate_ids(model: Qwen2VL, requests: list[Request], sampler: Sampler, max_
         if grids:
             pv = torch.cat([r.pixel_values for r in requests if r.pixel_values is not None]).to(device)
             tv = time.perf_counter()
-            vis = model.visual.encode(pv, torch.tensor(grids))
+            vis = tower.encode(pv, torch.tensor(grids))
             _sync(device)
             stats.vision_s = time.perf_counter() - tv
             slots = (ids == image_token_id).to(device)
             if int(slots.sum()) != vis.shape[0]:
                 raise ValueError(f"{int(slots.sum())} image placeholder tokens for {vis.shape[0]} vision embeddings")
             embeds[slots] = vis.to(embeds.dtype)
+        videos = [v for r in requests for v in r.videos]
+        if videos:
+            tv = time.perf_counter()
+            vis = torch.cat([encode_video(tower, v, device) for v in videos])
+            _sync(device)
+            stats.vision_s += time.perf_counter() - tv
+            slots = (ids == video_token_id).to(device)
+            if int(slots.sum()) != vis.shape[0]:
+                raise ValueError(f"{int(slots.sum())} video placeholder tokens for {vis.shape[0]} vision embeddings")
+            embeds[slots] = vis.to(embeds.dtype)
+        grids = [g for r in requests for g in r.vision_grids]  # prompt order, images and videos
         positions, delta = rope_index(ids, grids, (image_token_id, video_token_id),
                                       cfg.vision.spatial_merge_size, valid.long())
         padded = not bool(valid.all())

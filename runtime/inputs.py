@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qvl.runtime.fetch import FetchPolicy, download, is_url
+
 logger = logging.getLogger(__name__)
 
 # qwen-vl-utils 0.0.14 constants (vision_process.py)
@@ -65,11 +67,12 @@ def _read_path(path, what) -> Image.Image:
     return _decode(data, what)
 
 
-def load_image(source) -> Image.Image:
+def load_image(source, policy: FetchPolicy | None = None) -> Image.Image:
     """Load one image source as a decoded PIL image (mode unchanged, no resizing).
 
     Accepts a path (str or Path), ``file://`` URI (the prefix is stripped, as qwen-vl-utils
-    does), ``data:image/...;base64,...`` URI, PIL image (returned as is) or uint8 array of shape
+    does), ``http(s)://`` URL (only when ``policy.allow_remote``; see ``qvl.runtime.fetch``),
+    ``data:image/...;base64,...`` URI, PIL image (returned as is) or uint8 array of shape
     HxW, HxWx3 or HxWx4. Every failure is a ValueError naming the source. Images above PIL's
     hard decompression-bomb limit (2 * ``Image.MAX_IMAGE_PIXELS``) are refused.
     """
@@ -88,11 +91,11 @@ def load_image(source) -> Image.Image:
             f"unsupported image source type {type(source).__name__}: {_describe(source)}; expected a "
             "path, file:// or data: URI, PIL.Image or uint8 numpy array"
         )
-    if source.lower().startswith(("http://", "https://")):
-        raise ValueError(
-            f"remote image fetching is not enabled in this build: {_describe(source)}; download the "
-            "image and pass a local path"
-        )
+    if is_url(source):
+        policy = policy or FetchPolicy()
+        buf = io.BytesIO()
+        download(source, buf, policy.max_image_bytes, policy, "image")
+        return _decode(buf.getvalue(), source)
     if source.startswith("file://"):
         return _read_path(source[7:], source)
     if source.startswith("data:"):
@@ -163,7 +166,7 @@ def _item_source(item: dict):
     return source
 
 
-def fetch_image(item: dict, image_patch_size: int = 14) -> Image.Image:
+def fetch_image(item: dict, image_patch_size: int = 14, policy: FetchPolicy | None = None) -> Image.Image:
     """Load and resize one image content item exactly as ``qwen_vl_utils.fetch_image``.
 
     The result is RGB with both sides multiples of ``image_patch_size * 2``. ``resized_height``
@@ -172,7 +175,7 @@ def fetch_image(item: dict, image_patch_size: int = 14) -> Image.Image:
     if not isinstance(item, dict) or not any(k in item for k in _IMAGE_KEYS):
         raise ValueError(f"image item needs an 'image' or 'image_url' key, got {_describe(item)}")
     factor = int(image_patch_size * SPATIAL_MERGE_SIZE)
-    image = to_rgb_vl_utils(load_image(_item_source(item)))
+    image = to_rgb_vl_utils(load_image(_item_source(item), policy))
     if "resized_height" in item and "resized_width" in item:
         height, width = smart_resize_vl_utils(item["resized_height"], item["resized_width"], factor)
     else:
@@ -195,9 +198,14 @@ def _item_kind(item, where: str) -> str:
         if not any(k in item for k in _IMAGE_KEYS):
             raise ValueError(f"{where}: image item has no 'image' or 'image_url' key: {_describe(item)}")
         return "image"
+    # the template tests for video before text, so {"type": "text", "video": ...} is a video
+    if item.get("type") == "video" or "video" in item:
+        if "video" not in item:
+            raise ValueError(f"{where}: video item has no 'video' key: {_describe(item)}")
+        return "video"
     kind = item.get("type")
-    if kind is None:
-        kind = "video" if "video" in item else "text" if "text" in item else None
+    if kind is None and "text" in item:
+        kind = "text"
     if kind not in _KNOWN_TYPES:
         raise ValueError(
             f"{where}: content item has no known type (expected one of {_KNOWN_TYPES}) or "
@@ -208,11 +216,14 @@ def _item_kind(item, where: str) -> str:
     return kind
 
 
-def extract_images(messages) -> list[dict]:
-    """Image content items of one conversation, in order of appearance (the dicts themselves)."""
+def extract_vision(messages) -> list[tuple[str, dict]]:
+    """``("image" | "video", item)`` for every vision item of one conversation, in prompt order.
+
+    Validates the shape of every message and content item on the way.
+    """
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"messages must be a list of message dicts, got {type(messages).__name__}")
-    images = []
+    found = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -227,8 +238,11 @@ def extract_images(messages) -> list[dict]:
             raise ValueError(f"{where}['content'] must be a str or list, got {type(content).__name__}")
         for j, item in enumerate(content):
             kind = _item_kind(item, f"{where}['content'][{j}]")
-            if kind == "video":
-                raise ValueError(f"{where}['content'][{j}]: video inputs are not supported in this build")
-            if kind == "image":
-                images.append(item)
-    return images
+            if kind in ("image", "video"):
+                found.append((kind, item))
+    return found
+
+
+def extract_images(messages) -> list[dict]:
+    """Image content items of one conversation, in order of appearance (the dicts themselves)."""
+    return [item for kind, item in extract_vision(messages) if kind == "image"]

@@ -1,7 +1,8 @@
 """Build a Qwen2VL from a checkpoint directory: config, name map, memory-mapped weights.
 
 The model is constructed on the meta device and its parameters assigned from the mapped
-safetensors, so no second copy of the weights exists while loading.
+safetensors, so no second copy of the weights exists while loading. Quantized decoder linears
+(``quantization_config``) become :mod:`qvl.quant` modules built straight from the packed tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 from qvl.model.config import ConfigError, Qwen2VLConfig
 from qvl.model.qwen2_vl import Qwen2VL
+from qvl.quant.config import QuantConfig
+from qvl.quant.load import QuantizedLinears
 from qvl.runtime.weights import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)
@@ -59,28 +62,34 @@ def resolve_dtype(dtype, raw_config: dict) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path, dtype="float32", device="cpu") -> Qwen2VL:
+def load_model(path, dtype="float32", device="cpu", vision: bool = True) -> Qwen2VL:
+    """``vision=False`` leaves the vision tower on the meta device, unread: for callers that run
+    the tower elsewhere (onnxruntime)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg, raw = read_config(path)
-    if cfg.quantization:
-        method = cfg.quantization.get("quant_method")
-        raise NotImplementedError(f"{path}: quantized checkpoints (quant_method={method!r}) are not "
-                                  "supported by this qvl build yet")
+    qcfg = QuantConfig.from_hf(cfg.quantization) if cfg.quantization else None
     dtype = resolve_dtype(dtype, raw)
     with torch.device("meta"):
         model = Qwen2VL(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    quant = QuantizedLinears(model, qcfg) if qcfg else None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if not (quant and k.rpartition(".")[0] in quant.targets)}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
+    if not vision:
+        expected = {k: v for k, v in expected.items() if not k.startswith("visual.")}
 
     ckpt = Checkpoint(path)
     state, unexpected = {}, []
     for name in ckpt.keys():
         ours = hf_to_qvl(name)
+        if quant and quant.claim(ours, name):
+            continue
         if ours not in expected:
-            if IGNORED.search(name) or (cfg.tie_word_embeddings and ours == "lm_head.weight"):
+            if IGNORED.search(name) or (cfg.tie_word_embeddings and ours == "lm_head.weight") or \
+                    (not vision and ours.startswith("visual.")):
                 continue
             unexpected.append(name)
             continue
@@ -102,7 +111,12 @@ def load_model(path, dtype="float32", device="cpu") -> Qwen2VL:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(f"{path}: checkpoint has tensors this model does not use: "
                               f"{unexpected[:5]}{more}")
-    model.load_state_dict(state, assign=True, strict=not cfg.tie_word_embeddings)
+    if quant:
+        try:
+            quant.build(model, ckpt, dtype, device)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    model.load_state_dict(state, assign=True, strict=not cfg.tie_word_embeddings and vision)
     model.tie_weights()
     model.init_buffers(device)
     log.info("loaded %s: %d tensors, %s on %s", path, len(state), dtype, device)

@@ -68,9 +68,10 @@ class ImageProcessorConfig:
             logger.warning("ignoring non-dict image processor size %r", size)
             size = None
         size = size or {}
+        # the class's own defaults: the video processor subclass has other limits
         for name, top, edge, alias, default in (
-            ("min_pixels", "min_pixels", "shortest_edge", "min_pixels", DEFAULT_MIN_PIXELS),
-            ("max_pixels", "max_pixels", "longest_edge", "max_pixels", DEFAULT_MAX_PIXELS),
+            ("min_pixels", "min_pixels", "shortest_edge", "min_pixels", cls.min_pixels),
+            ("max_pixels", "max_pixels", "longest_edge", "max_pixels", cls.max_pixels),
         ):
             for v in (d.get(top), size.get(edge), size.get(alias)):
                 if v is not None:

@@ -1,46 +1,72 @@
-"""Messages -> model inputs: chat template, images, expanded placeholders, token ids.
+"""Messages -> model inputs: chat template, images, videos, expanded placeholders, token ids.
 
-Mirrors transformers' Qwen2VLProcessor: every ``<|image_pad|>`` in the rendered prompt is
-expanded to t*h*w / merge**2 copies before tokenizing, one per merged vision token.
+Mirrors transformers' Qwen2VLProcessor: every ``<|image_pad|>`` / ``<|video_pad|>`` in the
+rendered prompt is expanded to t*h*w / merge**2 copies before tokenizing, one per merged vision
+token. Images and videos are loaded with qwen-vl-utils semantics (``qvl.runtime.inputs`` and
+``qvl.runtime.video``), as Qwen's reference pipeline does before the processor.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 
-from qvl.runtime.inputs import extract_images, fetch_image
+from qvl.runtime.fetch import FetchPolicy
+from qvl.runtime.inputs import extract_vision, fetch_image
 from qvl.runtime.processor import ImageProcessor
 from qvl.runtime.tokenizer import Tokenizer
+from qvl.runtime.video import fetch_video
+from qvl.runtime.video_processor import VideoPatches, VideoProcessor
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+_PAD_RE = re.compile(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})")
 
 
 @dataclass
 class Request:
     ids: list[int]
-    pixel_values: torch.Tensor | None = None  # [n_patches, patch_dim]
-    grids: list[tuple[int, int, int]] = field(default_factory=list)
+    pixel_values: torch.Tensor | None = None  # images: [n_patches, patch_dim]
+    grids: list[tuple[int, int, int]] = field(default_factory=list)  # images
     text: str = ""
+    videos: list[VideoPatches] = field(default_factory=list)
+    vision_grids: list[tuple[int, int, int]] | None = None  # images and videos in prompt order
+
+    def __post_init__(self):
+        if self.vision_grids is None:
+            self.vision_grids = list(self.grids)
 
 
 def build_request(messages, tokenizer: Tokenizer, processor: ImageProcessor, merge: int,
-                  add_vision_id: bool = False) -> Request:
+                  add_vision_id: bool = False, video_processor: VideoProcessor | None = None,
+                  policy: FetchPolicy | None = None) -> Request:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    items = extract_images(messages)  # also validates the shape of every message and item
+    items = extract_vision(messages)  # also validates the shape of every message and item
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, add_vision_id=add_vision_id)
-    images = [fetch_image(it) for it in items]
+    patch = processor.cfg.patch_size
+    images = [fetch_image(it, patch, policy) for kind, it in items if kind == "image"]
     pixel_values, grids = None, []
     if images:
         pixel_values, grid_thw = processor(images)
         grids = [tuple(g) for g in grid_thw.tolist()]
-    parts = text.split(IMAGE_PAD)
-    if len(parts) - 1 != len(grids):
-        raise ValueError(f"the chat template produced {len(parts) - 1} image placeholders for "
-                         f"{len(grids)} images")
-    expanded = parts[0]
-    for (t, h, w), rest in zip(grids, parts[1:]):
-        expanded += IMAGE_PAD * (t * h * w // merge**2) + rest
-    return Request(ids=tokenizer.encode(expanded), pixel_values=pixel_values, grids=grids, text=text)
+    video_items = [it for kind, it in items if kind == "video"]
+    videos = []
+    if video_items:
+        video_processor = video_processor or VideoProcessor()
+        videos = [video_processor.prepare(fetch_video(it, patch, policy).frames) for it in video_items]
+    parts = _PAD_RE.split(text)  # text, pad, text, pad, ..., text
+    kinds = ["image" if p == IMAGE_PAD else "video" for p in parts[1::2]]
+    if kinds != [kind for kind, _ in items]:
+        raise ValueError(f"the chat template produced placeholders {kinds} for vision items "
+                         f"{[kind for kind, _ in items]}")
+    image_grids, video_grids = iter(grids), iter(v.grid for v in videos)
+    expanded, vision_grids = [parts[0]], []
+    for pad, rest in zip(parts[1::2], parts[2::2]):
+        t, h, w = next(image_grids if pad == IMAGE_PAD else video_grids)
+        vision_grids.append((t, h, w))
+        expanded += [pad * (t * h * w // merge**2), rest]
+    return Request(ids=tokenizer.encode("".join(expanded)), pixel_values=pixel_values, grids=grids, text=text,
+                   videos=videos, vision_grids=vision_grids)

@@ -80,7 +80,7 @@ Emoji 😀 🐶 🍎 ☀️ and accents é è ê à ç ü ö ß ñ.
 """
 
 
-def _train_bpe(vocab_size: int):
+def _train_bpe(vocab_size: int, corpus: str = _CORPUS):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(dropout=None, unk_token=None, continuing_subword_prefix="",
@@ -94,21 +94,23 @@ def _train_bpe(vocab_size: int):
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    lines = _CORPUS.splitlines(keepends=True)
+    lines = corpus.splitlines(keepends=True)
     tok.train_from_iterator(lines * 4, trainer=trainer)
     return tok
 
 
-def build_tokenizer(out_dir, *, specials_in_middle: bool = False) -> dict[str, int]:
+def build_tokenizer(out_dir, *, specials_in_middle: bool = False, corpus: str | None = None,
+                    vocab_size: int = 400) -> dict[str, int]:
     """Write tokenizer.json and tokenizer_config.json (without a chat template) into ``out_dir``.
 
+    ``corpus`` (default: a small general text) is what the byte-level BPE is trained on.
     Returns ``{special_token: id}`` for Qwen's special tokens.
     """
     from tokenizers import AddedToken
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _train_bpe(vocab_size=400)
+    tok = _train_bpe(vocab_size, _CORPUS if corpus is None else corpus)
     # Splitting the extras around the specials both moves the special ids and keeps them off the
     # end of the vocab, so code that hard-codes either assumption fails against this variant.
     half = len(_EXTRA_ADDED_TOKENS) // 2
@@ -164,12 +166,16 @@ def _padded_vocab(n: int) -> int:
 
 
 def make_config(ids: dict[str, int], vocab_size: int, *, tie_word_embeddings: bool = False,
-                mrope_section=(2, 3, 3), layout: str = "flat", dtype: str = "float32") -> dict:
-    """config.json contents in the official flat layout or the transformers-5 nested layout."""
-    if sum(mrope_section) * 2 != TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]:
+                mrope_section=(2, 3, 3), layout: str = "flat", dtype: str = "float32",
+                text_dims: dict | None = None, vision_dims: dict | None = None) -> dict:
+    """config.json contents in the official flat layout or the transformers-5 nested layout.
+
+    ``text_dims`` / ``vision_dims`` override entries of ``TEXT_DIMS`` / ``VISION_DIMS``.
+    """
+    t = {**TEXT_DIMS, **(text_dims or {})}
+    v = {**VISION_DIMS, **(vision_dims or {})}
+    if sum(mrope_section) * 2 != t["hidden_size"] // t["num_attention_heads"]:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2")
-    t = TEXT_DIMS
-    v = VISION_DIMS
     token_ids = {
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],

@@ -64,3 +64,52 @@ def hf_processor():
                 type.__delattr__(auto_video, "from_pretrained")
             else:
                 type.__setattr__(auto_video, "from_pretrained", saved)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving ``root`` (yielded with the base URL).
+
+    Extra paths: ``/slow`` stalls 2 s before answering, ``/redirect-ftp`` redirects off http,
+    ``/big`` streams 8 MiB without a Content-Length.
+    """
+    import functools
+    import http.server
+    import threading
+    import time
+
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow":
+                time.sleep(2)
+            if self.path == "/redirect-ftp":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/x.png")
+                self.end_headers()
+                return
+            if self.path == "/big":
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(128):
+                    self.wfile.write(b"\0" * 65536)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # clients that give up early (size cap, timeout) break the pipe; expected here
+
+    server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,7 +14,8 @@ def test_bench_core_tiny(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, QVL_BENCH_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
-        [sys.executable, "-m", "qvl.bench.core", "--config", "tiny", "--new-tokens", "4", "--out", str(out)],
+        [sys.executable, "-m", "qvl.bench.core", "--config", "tiny", "--new-tokens", "4", "--repeats", "1",
+         "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -49,13 +49,31 @@ def test_chat_keeps_history_and_survives_errors(tiny_ckpt, picture, tmp_path):
 def test_demo_on_a_given_model(tiny_ckpt, tmp_path):
     r = _qvl("demo", "--model", tiny_ckpt, "--workdir", tmp_path, "--max-new-tokens", 4)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Q: ") == 2 and (tmp_path / "demo.png").exists()
+    assert r.stdout.count("Q: ") == 4 and (tmp_path / "demo.png").exists() and (tmp_path / "demo1.png").exists()
 
 
-def test_demo_builds_the_default_model(tmp_path):
+def test_demo_uses_the_default_model(tmp_path):
     import os
+    import re
+
+    from qvl.runtime.cli import TOY_MODEL
 
     env = {**os.environ, "QVL_CACHE": str(tmp_path)}
     r = _qvl("demo", "--max-new-tokens", 4, env=env)
     assert r.returncode == 0, r.stderr
+    if (TOY_MODEL / "config.json").exists():
+        assert f"model: {TOY_MODEL}" in r.stdout
+        # the trained default sees: each answer is what was drawn
+        pairs = re.findall(r"^A: '(.*)'  \(drawn: (.*)\)$", r.stdout, flags=re.M)
+        assert len(pairs) == 4 and all(a == drawn for a, drawn in pairs), r.stdout
+    else:
+        assert (tmp_path / "tiny-default" / "config.json").exists()
+
+
+def test_default_model_falls_back_to_a_tiny_random_one(tmp_path, monkeypatch):
+    from qvl.runtime import cli
+
+    monkeypatch.setattr(cli, "TOY_MODEL", tmp_path / "absent")
+    monkeypatch.setenv("QVL_CACHE", str(tmp_path))
+    assert cli.default_model_dir() == tmp_path / "tiny-default"
     assert (tmp_path / "tiny-default" / "config.json").exists()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qvl.runtime.inputs import extract_images, fetch_image, load_image, smart_resize_vl_utils
+from qvl.runtime.fetch import FetchPolicy
+from qvl.runtime.inputs import extract_images, extract_vision, fetch_image, load_image, smart_resize_vl_utils
 
 
 def _ref_smart_resize(h, w, factor=28, lo=4 * 28 * 28, hi=16384 * 28 * 28):
@@ -148,7 +149,7 @@ def test_error_messages(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("hello, not an image")
     with pytest.raises(ValueError, match="cannot decode image .*notes.txt"):
         fetch_image({"image": str(tmp_path / "notes.txt")})
-    with pytest.raises(ValueError, match="remote image fetching is not enabled"):
+    with pytest.raises(ValueError, match="remote image fetching is disabled"):
         fetch_image({"image": "https://example.com/cat.jpg"})
     with pytest.raises(ValueError, match="unsupported image source type int"):
         load_image(42)
@@ -198,10 +199,49 @@ def test_extract_images_order_and_forms():
         ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "no known type"),
         ([{"role": "user", "content": [{"type": "image"}]}], "no 'image' or 'image_url' key"),
         ([{"role": "user", "content": [{"type": "text"}]}], "string 'text'"),
-        ([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}], "video"),
+        ([{"role": "user", "content": [{"type": "video"}]}], "no 'video' key"),
         ([[{"role": "user", "content": "hi"}]], "one conversation"),
     ],
 )
 def test_extract_images_bad_shapes(msgs, match):
     with pytest.raises(ValueError, match=match):
         extract_images(msgs)
+
+
+def test_extract_vision_keeps_prompt_order():
+    a, v, b = {"image": "a.png"}, {"type": "video", "video": "v.mp4"}, {"type": "text", "video": ["f.png"]}
+    msgs = [{"role": "user", "content": [a, {"text": "then"}, v]}, {"role": "user", "content": [b]}]
+    # like the chat template, a "video" key wins over type "text"
+    assert extract_vision(msgs) == [("image", a), ("video", v), ("video", b)]
+    assert extract_images(msgs) == [a]
+
+
+def test_http_image(http_server, png):
+    root, base = http_server
+    path, arr = png
+    (root / "cat.png").write_bytes(path.read_bytes())
+    on = FetchPolicy(allow_remote=True)
+    np.testing.assert_array_equal(np.asarray(load_image(f"{base}/cat.png", on)), arr)
+    assert fetch_image({"image": f"{base}/cat.png"}, policy=on).size == (84, 56)
+    with pytest.raises(ValueError, match="disabled.*allow_remote=True.*QVL_ALLOW_REMOTE"):
+        load_image(f"{base}/cat.png")
+    with pytest.raises(ValueError, match="HTTP 404"):
+        load_image(f"{base}/missing.png", on)
+    with pytest.raises(ValueError, match="over the 100-byte limit"):
+        load_image(f"{base}/cat.png", FetchPolicy(allow_remote=True, max_image_bytes=100))
+    with pytest.raises(ValueError, match="exceeds the 1048576-byte limit"):  # no Content-Length
+        load_image(f"{base}/big", FetchPolicy(allow_remote=True, max_image_bytes=1 << 20))
+    with pytest.raises(ValueError, match="timed out"):
+        load_image(f"{base}/slow", FetchPolicy(allow_remote=True, timeout_s=0.3))
+    with pytest.raises(ValueError, match="non-http"):
+        load_image(f"{base}/redirect-ftp", on)
+    (root / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot decode image .*notes.txt"):
+        load_image(f"{base}/notes.txt", on)
+
+
+def test_fetch_policy_from_env(monkeypatch):
+    monkeypatch.delenv("QVL_ALLOW_REMOTE", raising=False)
+    assert not FetchPolicy.from_env().allow_remote
+    monkeypatch.setenv("QVL_ALLOW_REMOTE", "1")
+    assert FetchPolicy.from_env().allow_remote and not FetchPolicy.from_env(False).allow_remote

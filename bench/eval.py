@@ -1,0 +1,529 @@
+"""``qvl eval``: accuracy and fidelity of checkpoints on a JSONL task set, side by side.
+
+    qvl eval MODEL_A [MODEL_B ...] --data FILE.jsonl [--limit N] [--out DIR]
+
+A model is a checkpoint directory, optionally ``DIR@dtype`` (``DIR@bfloat16``) to compare one
+checkpoint at several precisions. Each dataset line is a JSON object::
+
+    {"id": "...", "task": "...", "answers": ["..."], "metric": "exact" | "anls" | "mc",
+     "question": "...", "image": PATH | "images": [PATH, ...] | "video": PATH or [frame PATHs],
+     "options": ["...", ...] or {"A": "...", ...}}        # options: "mc" only
+or with ``"messages"`` (a qwen-vl-utils conversation ending in a user turn) in place of
+``question``/``image(s)``/``video``. Relative paths are relative to the JSONL file.
+
+Metrics (all in [0, 1], averaged per task; the headline is the mean over tasks):
+  exact  normalized string equality with any answer (lowercase, whitespace collapsed, a trailing
+         period dropped);
+  anls   DocVQA's Average Normalized Levenshtein Similarity: max over answers of 1 - NL, where
+         NL = edit distance / longer length, counted as 0 when NL >= 0.5;
+  mc     the option letter read from the answer ("B", "(B)", "B. text" or the option's text),
+         MMBench-style prompt appended from ``options``.
+
+The first model is the reference. It answers greedily; every model, the reference included, is
+then scored teacher-forced on the reference's answer tokens (``Engine.score``), giving the
+token-level KL(reference || model) averaged over answer tokens, and top-1 agreement (how often
+the two argmaxes agree). Log-probs are exchanged through ``--out``/ref as float32 .npy files,
+``answer tokens x vocab`` each (the reason to use ``--limit`` with 150k-token vocabularies).
+
+Each model runs in its own subprocess, so ``peak RSS`` is that process's ``ru_maxrss`` and
+``model RSS`` its peak minus the RSS it had after imports, before loading the model (weights,
+KV cache and activations; CUDA runs report ``torch.cuda.max_memory_allocated`` as well).
+``--in-process`` skips the subprocesses (faster; memory figures then accumulate across models).
+Speed: decode tok/s = (new tokens - 1) / decode time summed over the set, first-token latency
+averaged, after one warm-up answer; batch 1, greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+METRICS = ("exact", "anls", "mc")
+MC_PROMPT = "Answer with the option's letter from the given choices directly."
+_LETTER_RE = re.compile(r"^\(?([A-Z])\)?(?:[.:)\s]|$)")
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def normalize(text: str) -> str:
+    """Lowercase, collapse whitespace, drop one trailing period (models add them, sets don't)."""
+    text = " ".join(str(text).lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def levenshtein(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def exact_match(pred: str, answers) -> float:
+    p = normalize(pred)
+    return float(any(p == normalize(a) for a in answers))
+
+
+def anls(pred: str, answers, threshold: float = 0.5) -> float:
+    """DocVQA ANLS of one prediction: strings lowercased and whitespace-collapsed, not otherwise changed."""
+    p = " ".join(str(pred).lower().split())
+    best = 0.0
+    for a in answers:
+        a = " ".join(str(a).lower().split())
+        if not a and not p:
+            return 1.0
+        nl = levenshtein(p, a) / max(len(p), len(a))
+        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+    return best
+
+
+def _options(options) -> dict[str, str]:
+    if options is None:
+        return {}
+    if isinstance(options, dict):
+        return {str(k).strip().upper(): str(v) for k, v in options.items()}
+    return {chr(ord("A") + i): str(v) for i, v in enumerate(options)}
+
+
+def mc_letter(pred: str, options=None) -> str | None:
+    """The option a free-form answer picks: a leading letter, else an option's exact text."""
+    text = str(pred).strip()
+    opts = _options(options)
+    m = _LETTER_RE.match(text)
+    if m and (not opts or m.group(1) in opts):  # "I think..." is no answer "I" among A-D
+        return m.group(1)
+    for letter, option in opts.items():
+        if normalize(text) == normalize(option):
+            return letter
+    return None
+
+
+def multiple_choice(pred: str, answers, options=None) -> float:
+    opts = _options(options)
+    by_text = {normalize(v): k for k, v in opts.items()}
+    gold = {by_text.get(normalize(a), str(a).strip().upper()) for a in answers}
+    return float(mc_letter(pred, opts) in gold)
+
+
+def score(metric: str, pred: str, answers, options=None) -> float:
+    if metric == "exact":
+        return exact_match(pred, answers)
+    if metric == "anls":
+        return anls(pred, answers)
+    if metric == "mc":
+        return multiple_choice(pred, answers, options)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+def _resolve(source, base: Path):
+    if isinstance(source, list):
+        return [_resolve(s, base) for s in source]
+    if not isinstance(source, str) or re.match(r"^(file|data|https?):", source) or Path(source).is_absolute():
+        return source
+    return str(base / source)
+
+
+def _messages(rec: dict, base: Path) -> list[dict]:
+    if "messages" in rec:
+        msgs = json.loads(json.dumps(rec["messages"]))  # a copy we may rewrite
+        for m in msgs:
+            if isinstance(m.get("content"), list):
+                for item in m["content"]:
+                    for key in ("image", "video"):
+                        if key in item:
+                            item[key] = _resolve(item[key], base)
+        return msgs
+    content = []
+    images = rec.get("images") or ([rec["image"]] if "image" in rec else [])
+    content += [{"type": "image", "image": _resolve(p, base)} for p in images]
+    if "video" in rec:
+        content.append({"type": "video", "video": _resolve(rec["video"], base)})
+    question = rec["question"]
+    if rec.get("metric") == "mc" and rec.get("options") is not None:
+        opts = _options(rec["options"])
+        question = "\n".join([question, *(f"{k}. {v}" for k, v in opts.items()), MC_PROMPT])
+    content.append({"type": "text", "text": question})
+    return [{"role": "user", "content": content}]
+
+
+def load_records(path, limit: int | None = None) -> list[dict]:
+    """Read a JSONL set into records with ``id, task, metric, answers, options, messages``."""
+    path = Path(path)
+    base = path.parent
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+        answers = rec.get("answers", [rec["answer"]] if "answer" in rec else None)
+        if not answers:
+            raise ValueError(f"{path}:{n}: needs 'answers' (a list) or 'answer'")
+        if "messages" not in rec and "question" not in rec:
+            raise ValueError(f"{path}:{n}: needs 'messages' or 'question'")
+        metric = rec.get("metric", "exact")
+        if metric not in METRICS:
+            raise ValueError(f"{path}:{n}: unknown metric {metric!r}; expected one of {METRICS}")
+        records.append({"id": str(rec.get("id", n)), "task": str(rec.get("task", "default")), "metric": metric,
+                        "answers": [str(a) for a in (answers if isinstance(answers, list) else [answers])],
+                        "options": rec.get("options"), "messages": _messages(rec, base)})
+        if limit and len(records) >= limit:
+            break
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+# --- one model -------------------------------------------------------------------------------
+
+def _rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def weights_mb(model_dir) -> float:
+    files = [f for pat in ("*.safetensors", "*.onnx", "*.bin", "*.pt") for f in Path(model_dir).glob(pat)]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+def parse_model(spec: str) -> tuple[str, str | None]:
+    """``DIR`` or ``DIR@dtype``."""
+    if "@" in spec and not Path(spec).exists():
+        path, dtype = spec.rsplit("@", 1)
+        return path, dtype
+    return spec, None
+
+
+def _progress(items, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(items, desc=desc, mininterval=1.0, file=sys.stderr)
+        return
+    step = max(1, len(items) // 10)
+    for i, item in enumerate(items):
+        if i % step == 0:
+            log.info("%s: %d/%d", desc, i, len(items))
+        yield item
+
+
+def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool, device: str = "cpu",
+              dtype: str = "float32", max_new_tokens: int = 32, max_seq_len: int = 4096) -> dict:
+    """Answer and score every record with one model; the reference also writes ``ref_dir``."""
+    import numpy as np
+    import torch
+
+    import qvl
+
+    path, spec_dtype = parse_model(spec)
+    dtype = spec_dtype or dtype
+    rss_before = _rss_mb()
+    t0 = time.perf_counter()
+    engine = qvl.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    load_s = time.perf_counter() - t0
+    engine.generate(records[0]["messages"], max_new_tokens=max_new_tokens)  # warm-up, not timed
+    answers_file = ref_dir / "answers.json"
+    ref_answers = None if is_reference else json.loads(answers_file.read_text())
+    rows, own_answers = [], {}
+    new_tok = decode_s = first_s = 0.0
+    kl_sum = agree = n_tok = 0
+    kl_ok = True
+    for i, rec in enumerate(_progress(records, Path(path).name)):
+        row = {"id": rec["id"], "task": rec["task"]}
+        try:
+            ids = engine.generate_ids(rec["messages"], max_new_tokens=max_new_tokens)
+        except (ValueError, NotImplementedError, ImportError) as e:  # e.g. a video this build cannot read
+            row.update(skipped=str(e))
+            rows.append(row)
+            continue
+        s = engine.last_stats
+        new_tok += max(s.new_tokens - 1, 0)
+        decode_s += s.decode_s
+        first_s += s.prefill_s
+        pred = engine.tokenizer.decode(ids)
+        row.update(prediction=pred, score=score(rec["metric"], pred, rec["answers"], rec["options"]))
+        if is_reference:
+            own_answers[rec["id"]] = ids
+            lp = engine.score(rec["messages"], ids)
+            np.save(ref_dir / f"lp{i}.npy", lp.numpy())
+        elif ref_answers is not None and rec["id"] in ref_answers and kl_ok:
+            ref_lp = torch.from_numpy(np.load(ref_dir / f"lp{i}.npy"))
+            lp = engine.score(rec["messages"], ref_answers[rec["id"]])
+            if lp.shape != ref_lp.shape:
+                log.warning("%s: vocabulary of %d vs the reference's %d: no KL / top-1", path, lp.shape[1],
+                            ref_lp.shape[1])
+                kl_ok = False
+            else:
+                kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)  # KL(ref || model) per answer token
+                kl_sum += float(kl.sum())
+                agree += int((ref_lp.argmax(-1) == lp.argmax(-1)).sum())
+                n_tok += len(kl)
+        rows.append(row)
+    if is_reference:
+        answers_file.write_text(json.dumps(own_answers))
+        kl_mean, top1 = 0.0, 1.0  # by construction: the reference scored against itself
+    else:
+        kl_mean = kl_sum / n_tok if (kl_ok and n_tok) else None
+        top1 = agree / n_tok if (kl_ok and n_tok) else None
+    answered = [r for r in rows if "score" in r]
+    result = {
+        "model": spec, "path": str(path), "dtype": dtype, "device": device,
+        "weights_mb": weights_mb(path), "load_s": load_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "model_rss_mb": None, "kl": kl_mean, "top1": top1, "kl_tokens": n_tok,
+        "decode_tok_s": new_tok / decode_s if decode_s > 0 else None,
+        "first_token_ms": 1000 * first_s / len(answered) if answered else None,
+        "rows": rows,
+    }
+    if rss_before is not None:
+        result["model_rss_mb"] = result["peak_rss_mb"] - rss_before
+    if torch.device(device).type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if is_reference:
+        # the reference's own score must reproduce its greedy choices; if not, generate and
+        # score disagree and every KL below would be meaningless
+        for i, rec in enumerate(records):
+            if rec["id"] in own_answers:
+                lp = np.load(ref_dir / f"lp{i}.npy")
+                if list(lp.argmax(-1)) != own_answers[rec["id"]]:
+                    log.warning("reference: teacher-forced argmax differs from its greedy answer on %s", rec["id"])
+    return result
+
+
+def _worker(argv) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    logging.basicConfig(level=logging.INFO if spec.pop("verbose") else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    out = Path(spec.pop("result"))
+    records = load_records(spec.pop("data"), spec.pop("limit"))
+    res = run_model(spec.pop("model"), records, Path(spec.pop("ref_dir")), **spec)
+    out.write_text(json.dumps(res))
+    return 0
+
+
+# --- side by side ----------------------------------------------------------------------------
+
+def summarize(result: dict, records: list[dict]) -> dict:
+    """Per-task mean scores (None for a task whose every record was skipped) and their mean."""
+    by_task: dict[str, list] = {}
+    skipped: dict[str, int] = {}
+    for row in result["rows"]:
+        by_task.setdefault(row["task"], [])
+        if "score" in row:
+            by_task[row["task"]].append(row["score"])
+        else:
+            skipped[row["task"]] = skipped.get(row["task"], 0) + 1
+    tasks = {t: (sum(v) / len(v) if v else None) for t, v in by_task.items()}
+    scored = [a for a in tasks.values() if a is not None]
+    result["tasks"] = tasks
+    result["task_n"] = {t: len(v) for t, v in by_task.items()}
+    result["skipped"] = skipped
+    result["accuracy"] = sum(scored) / len(scored) if scored else None
+    return result
+
+
+def evaluate(models: list[str], data, limit: int | None = None, out="qvl-eval", device: str = "cpu",
+             dtype: str = "float32", max_new_tokens: int = 32, max_seq_len: int = 4096,
+             in_process: bool = False, verbose: bool = False, plot: bool = True) -> dict:
+    """Run every model on the set; write results.json, results.md and accuracy_vs_size.png to ``out``."""
+    if not models:
+        raise ValueError("name at least one model")
+    for m in models:
+        if not (Path(parse_model(m)[0]) / "config.json").exists():
+            raise FileNotFoundError(f"{parse_model(m)[0]}: not a checkpoint directory (no config.json)")
+    records = load_records(data, limit)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ref-", dir=out) as ref_dir:
+        for k, model in enumerate(models):
+            kw = dict(device=device, dtype=dtype, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
+            if in_process:
+                res = run_model(model, records, Path(ref_dir), k == 0, **kw)
+            else:
+                res = _run_subprocess(model, data, limit, Path(ref_dir), k == 0, verbose, kw)
+            results.append(summarize(res, records))
+    names = _names(models)
+    for name, r in zip(names, results):
+        r["name"] = name
+    tasks = list(dict.fromkeys(rec["task"] for rec in records))
+    summary = {"data": str(data), "n": len(records), "tasks": tasks, "reference": names[0],
+               "in_process": in_process, "models": results}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    md = markdown(summary)
+    (out / "results.md").write_text(md)
+    if plot:
+        try:
+            plot_results(summary, out / "accuracy_vs_size.png")
+        except ImportError:
+            log.warning("matplotlib is not installed (pip install 'qvl[eval]'): no plot")
+    return summary
+
+
+def _run_subprocess(model, data, limit, ref_dir: Path, is_reference: bool, verbose: bool, kw: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="worker-", dir=ref_dir.parent) as tmp:
+        spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_file.write_text(json.dumps({"model": model, "data": str(data), "limit": limit, "ref_dir": str(ref_dir),
+                                         "is_reference": is_reference, "result": str(result_file),
+                                         "verbose": verbose, **kw}))
+        r = subprocess.run([sys.executable, "-m", "qvl.bench.eval", "--worker", str(spec_file)])
+        if r.returncode != 0 or not result_file.exists():
+            raise RuntimeError(f"evaluating {model} failed (exit code {r.returncode}); see the messages above")
+        return json.loads(result_file.read_text())
+
+
+def _names(models: list[str]) -> list[str]:
+    names = []
+    for m in models:
+        path, dtype = parse_model(m)
+        name = Path(path).resolve().name + (f"@{dtype}" if dtype else "")
+        names.append(name if name not in names else f"{name}#{len(names)}")
+    return names
+
+
+def _fmt(x, spec: str, none: str = "n/a") -> str:
+    return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown(summary: dict) -> str:
+    models = summary["models"]
+    lines = [f"## qvl eval: {summary['data']} ({summary['n']} items; reference {summary['reference']})", "",
+             "| model | accuracy | KL vs ref | top-1 vs ref | weights MB | peak RSS MB | model RSS MB "
+             "| decode tok/s | first token ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in models:
+        lines.append(f"| {r['name']} | {_fmt(r['accuracy'], '.3f')} | {_fmt(r['kl'], '.2e')} | "
+                     f"{_fmt(r['top1'], '.3f')} | {_fmt(r['weights_mb'], '.1f')} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+                     f"{_fmt(r['model_rss_mb'], '.0f')} | {_fmt(r['decode_tok_s'], '.1f')} | "
+                     f"{_fmt(r['first_token_ms'], '.1f')} |")
+    lines += ["", "| task | n | " + " | ".join(r["name"] for r in models) + " |",
+              "|---|---|" + "---|" * len(models)]
+    for t in summary["tasks"]:
+        cells = []
+        for r in models:
+            a = r["tasks"].get(t)
+            skipped = r["skipped"].get(t, 0)
+            cells.append(_fmt(a, ".3f", none="skipped") + (f" ({skipped} skipped)" if skipped and a is not None else ""))
+        n = max(r["task_n"].get(t, 0) + r["skipped"].get(t, 0) for r in models)
+        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    notes = []
+    if summary["in_process"]:
+        notes.append("all models ran in one process: RSS figures include the models before them")
+    skipped = {t for r in models for t in r["skipped"]}
+    if skipped:
+        reasons = {row["skipped"] for r in models for row in r["rows"] if "skipped" in row}
+        notes.append(f"skipped items ({', '.join(sorted(skipped))}): " + "; ".join(sorted(reasons))[:300])
+    lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_results(summary: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = summary["models"]
+    tasks = summary["tasks"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
+    for r in models:
+        if r["accuracy"] is None:
+            continue
+        ax1.scatter(r["weights_mb"], 100 * r["accuracy"], s=60, zorder=3)
+        label = r["name"] + (f"\nKL {r['kl']:.1e}" if r.get("kl") else "")
+        ax1.annotate(label, (r["weights_mb"], 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4),
+                     fontsize=8)
+    sizes = [r["weights_mb"] for r in models if r["weights_mb"]]
+    if sizes and max(sizes) / max(min(sizes), 1e-9) > 20:
+        ax1.set_xscale("log")
+    ax1.set_xlabel("weights on disk (MB)")
+    ax1.set_ylabel("accuracy, mean over tasks (%)")
+    ax1.set_title("accuracy vs size")
+    ax1.grid(alpha=0.3)
+    width = 0.8 / max(len(models), 1)
+    for k, r in enumerate(models):
+        vals = [100 * r["tasks"][t] if r["tasks"].get(t) is not None else 0 for t in tasks]
+        ax2.bar([i + k * width for i in range(len(tasks))], vals, width, label=r["name"])
+    ax2.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(tasks))], tasks, rotation=20)
+    ax2.set_ylabel("accuracy (%)")
+    ax2.set_ylim(0, 105)
+    ax2.set_title("per task")
+    ax2.legend(fontsize=8, loc="lower right")
+    ax2.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"qvl eval: {Path(summary['data']).name}, {summary['n']} items", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint dirs (DIR or DIR@dtype); the first is the reference")
+    p.add_argument("--data", required=True, help="JSONL task set (see `python -m qvl.scripts.synth`)")
+    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--out", default="qvl-eval", help="directory for results.json, results.md, accuracy_vs_size.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="for models given without @dtype")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--in-process", action="store_true", help="no subprocess per model (memory figures accumulate)")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def register(sub) -> argparse.ArgumentParser:
+    """Add ``eval`` to the top-level ``qvl`` subparsers ``sub``."""
+    p = sub.add_parser("eval", help="accuracy, KL and speed of checkpoints on a JSONL task set, side by side")
+    add_arguments(p)
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_eval(args) -> int:
+    summary = evaluate(args.models, args.data, args.limit, args.out, args.device, args.dtype, args.max_new_tokens,
+                       args.max_seq_len, args.in_process, getattr(args, "verbose", False), plot=not args.no_plot)
+    print(markdown(summary), end="")
+    print(f"\nwrote {Path(args.out) / 'results.json'}, results.md" + ("" if args.no_plot else ", accuracy_vs_size.png"))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return _worker(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m qvl.bench.eval", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return cmd_eval(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

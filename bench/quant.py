@@ -1,0 +1,383 @@
+"""Quantized CPU benchmark: qvl fp32 / bf16 / GPTQ-Int8 / GPTQ-Int4 / AWQ on Qwen2-VL-2B shapes.
+
+Run as ``python -m qvl.bench.quant [--schemes fp32,bf16,int8,int4,awq] [--new-tokens 32]``.
+
+The float checkpoint is :mod:`qvl.bench.core`'s cached random-weight Qwen2-VL-2B (bf16). Each
+quantized scheme is an RTN quantization of its decoder linears (group 128, the recipe of
+Qwen's releases minus the calibration: speed does not depend on it) written in the official
+layout (AutoGPTQ v1 sym / AutoAWQ gemm, ``quantization_config`` in config.json) and cached
+beside it. Vision tower, embeddings and the (tied) lm_head stay bf16, as in Qwen's releases.
+
+Every engine runs in a fresh process through ``qvl.bench.core``'s own measurement (same image,
+prompt, warm-up, best-of-N greedy runs with eos ignored, threads), so the numbers compare with
+``core-*.md``. Added per scheme: resident bytes of the decoder linears, and the bytes one
+decode step reads (decoder linears + lm_head) which, times tokens/s, is the achieved GB/s set
+against the machine's copy bandwidth. transformers bf16 is the reference: taken from
+``core-bfloat16.json`` when that exists for the same token count, else run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from qvl.bench import core
+
+log = logging.getLogger("qvl.bench.quant")
+
+BUILD_VERSION = 1
+# name -> (checkpoint kind, activation dtype)
+SCHEMES = {
+    "fp32": (None, "float32"),
+    "bf16": (None, "bfloat16"),
+    "int8": ("gptq-int8", "bfloat16"),
+    "int4": ("gptq-int4", "bfloat16"),
+    "awq": ("awq", "bfloat16"),
+}
+GB = core.GB
+
+
+# --------------------------------------------------------------------------------------------
+# quantized checkpoints (RTN, official layouts)
+
+
+def _rtn(w, group: int, bits: int, sym: bool):
+    """w [N, K] -> q [K, N] int, zeros [K/G, N] int, scales fp16 [K/G, N] (W = (q - z) * s)."""
+    import torch
+
+    n, k = w.shape
+    maxq = 2**bits - 1
+    wg = w.float().reshape(n, k // group, group)
+    if sym:  # GPTQ: zero in the middle, scale from the largest magnitude
+        scales = (wg.abs().amax(-1) * 2 / maxq).clamp(min=1e-8).half()
+        zeros = torch.full_like(scales, (maxq + 1) // 2, dtype=torch.int64)
+    else:  # AWQ: min/max range, integer zero point
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scales = ((hi - lo).clamp(min=1e-5) / maxq).half()
+        zeros = (-lo / scales.float()).round().clamp(0, maxq).long()
+    q = ((wg / scales.float()[..., None]).round() + zeros[..., None]).clamp(0, maxq).long()
+    return q.reshape(n, k).t().contiguous(), zeros.t().contiguous(), scales.t().contiguous()
+
+
+def quant_config(kind: str, group: int) -> dict:
+    if kind == "awq":
+        return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
+                "modules_to_not_convert": ["visual"]}
+    bits = {"gptq-int4": 4, "gptq-int8": 8}[kind]
+    return {"bits": bits, "group_size": group, "damp_percent": 0.1, "desc_act": False, "sym": True,
+            "true_sequential": True, "quant_method": "gptq", "checkpoint_format": "gptq"}
+
+
+def _write_quantized(src: pathlib.Path, out: pathlib.Path, kind: str, group: int) -> None:
+    import re
+
+    import torch
+    from safetensors.torch import save_file
+
+    from qvl.quant.packing import pack_awq, pack_gptq
+    from qvl.runtime.weights import Checkpoint
+
+    linear = re.compile(r"^model\.(language_model\.)?layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+    qcfg = quant_config(kind, group)
+    ckpt = Checkpoint(src)
+    tensors = {}
+    with torch.no_grad():
+        for name in ckpt.keys():
+            t = ckpt.get(name)
+            if not linear.match(name):
+                tensors[name] = t
+                continue
+            prefix = name[: -len(".weight")]
+            q, zeros, scales = _rtn(t, group, qcfg["bits"], sym=kind != "awq")
+            if kind == "awq":
+                qweight, qzeros = pack_awq(q, zeros)
+            else:
+                qweight, qzeros = pack_gptq(q, zeros, qcfg["bits"])
+                tensors[prefix + ".g_idx"] = torch.arange(t.shape[1], dtype=torch.int32) // group
+            tensors.update({prefix + ".qweight": qweight, prefix + ".qzeros": qzeros, prefix + ".scales": scales})
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("model.safetensors.index.json", core.BUILD_MARKER):
+            shutil.copy2(f, out / f.name)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def ensure_quantized(src: pathlib.Path, kind: str, group: int) -> pathlib.Path:
+    """The cached ``kind`` quantization of ``src``, built atomically when missing or stale."""
+    final = src.parent / f"{src.name}-{kind}-g{group}"
+    stamp = {"build_version": BUILD_VERSION, "kind": kind, "group_size": group,
+             "source": json.loads((src / core.BUILD_MARKER).read_text())}
+    marker = final / core.BUILD_MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("stamp") == stamp:
+        log.info("using cached %s checkpoint %s", kind, final)
+        return final
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log.info("RTN-quantizing %s -> %s (one time; cached)", src.name, final)
+    t0 = time.perf_counter()
+    try:
+        _write_quantized(src, tmp, kind, group)
+        (tmp / core.BUILD_MARKER).write_text(json.dumps({"stamp": stamp}, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s checkpoint built in %.1fs", kind, time.perf_counter() - t0)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# child: core's qvl measurement, plus the bytes the loaded model holds
+
+
+def weight_bytes(model) -> dict:
+    """Resident bytes of the decoder linears, and of what one decode step reads (+ lm_head)."""
+    from torch import nn
+
+    from qvl.quant.linear import QuantLinear
+
+    def size(m) -> int:
+        if isinstance(m, QuantLinear):
+            return m.nbytes()
+        return sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
+
+    linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    decoder = sum(size(m) for m in linears)
+    return {"decoder_linear_bytes": decoder, "lm_head_bytes": size(model.lm_head),
+            "bytes_per_token": decoder + size(model.lm_head),
+            "kernels": sorted({getattr(m, "kernel", "dense") for m in linears})}
+
+
+def _child_qvl(spec: dict, res: dict) -> None:
+    import qvl
+
+    engines = []
+    load = qvl.load
+
+    def capture(*a, **kw):  # keep the engine core's child builds, to weigh its model afterwards
+        engines.append(load(*a, **kw))
+        return engines[-1]
+
+    qvl.load = capture
+    try:
+        core._child_qvl(spec, res)
+    finally:
+        qvl.load = load
+    res.update(weight_bytes(engines[0].model))
+
+
+def child_main(spec_path: str) -> int:
+    import torch
+
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    res = {"kind": "qvl", "threads": torch.get_num_threads()}
+    rc = 0
+    try:
+        _child_qvl(spec, res)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        log.exception("qvl child failed")
+        res["error"] = f"{type(e).__name__}: {e}"
+        rc = 1
+    core._memory_report(res)
+    pathlib.Path(spec["result"]).write_text(json.dumps(res, indent=2) + "\n")
+    return rc
+
+
+def run_qvl(spec: dict, workdir: pathlib.Path, name: str, timeout: float) -> dict:
+    spec = dict(spec, result=str(workdir / f"{name}.json"))
+    spec_path = workdir / f"{name}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "qvl.bench.quant", "--child-spec", str(spec_path)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace")
+        tail = (proc.stdout + proc.stderr).splitlines()[-30:]
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        tail, rc = [], None
+    result = pathlib.Path(spec["result"])
+    res = json.loads(result.read_text()) if result.is_file() else {}
+    res["child_wall_s"] = time.perf_counter() - t0
+    if rc is None:
+        res["error"] = f"timed out after {timeout:.0f}s"
+    elif rc != 0 and "error" not in res:
+        res["error"] = f"child exit code {rc}" + (" (out of memory?)" if rc == -9 else "")
+    if "error" in res:
+        res["log_tail"] = tail
+        log.error("%s: %s\n%s", name, res["error"], "\n".join(tail))
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _transformers_reference(out: pathlib.Path, new_tokens: int, config: str) -> dict | None:
+    path = out / ("core-bfloat16.json" if config == "qwen2vl-2b" else f"core-{config}-bfloat16.json")
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    r = (prev.get("engines") or {}).get("transformers") or {}
+    if "error" in r or not r.get("decode_tok_s") or prev.get("new_tokens") != new_tokens:
+        return None
+    return dict(r, source=f"{path.name} ({prev['machine']['date']})")
+
+
+def summarize(result: dict) -> None:
+    bw = (result.get("bandwidth") or {}).get("bandwidth_gb_s")
+    base = result["engines"].get("bf16") or {}
+    for r in result["engines"].values():
+        if "error" in r or not r.get("decode_tok_s"):
+            continue
+        if "bytes_per_token" in r:
+            r["achieved_gb_s"] = r["decode_tok_s"] * r["bytes_per_token"] / GB
+            if bw:
+                r["roofline_tok_s"] = bw * GB / r["bytes_per_token"]
+                r["fraction_of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        if base.get("decode_tok_s"):
+            r["decode_vs_qvl_bf16"] = r["decode_tok_s"] / base["decode_tok_s"]
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def render_markdown(result: dict) -> str:
+    m = result["machine"]
+    bw = (result.get("bandwidth") or {}).get("bandwidth_gb_s")
+    lines = [
+        f"# qvl quantized benchmark: {result['config']} (random weights, RTN group {result['group_size']})",
+        "",
+        f"{m['cpu_model']}, {m['usable_cores']} cores ({m['cpu_capability']}), torch {m['torch']}, "
+        f"transformers {m['transformers']}; {m['date']}; load avg at start {m['loadavg_start'][0]:.2f}, "
+        f"end {m.get('loadavg_end', [0])[0]:.2f}.",
+        f"Input: one {core.IMAGE_SIZE}x{core.IMAGE_SIZE} image + \"{core.PROMPT}\" "
+        f"({result.get('prompt_tokens', '?')} prompt tokens), greedy, {result['new_tokens']} new tokens, batch 1, "
+        f"{result['threads']} threads, warmed up once, best of {result.get('repeats', 1)} timed runs, each engine in a "
+        f"fresh process. "
+        f"Copy bandwidth {_f(bw, '{:.1f}')} GB/s ({(result.get('bandwidth') or {}).get('method', 'not measured')}).",
+        "",
+        "| scheme | activations | kernel | load s | first token s | decode tok/s | vs qvl bf16 | peak RSS GB "
+        "| decoder weights GB | read/token GB | achieved GB/s | of copy bw |",
+        "|---" * 12 + "|",
+    ]
+    for name in result["schemes"]:
+        r = result["engines"].get(name) or {"error": "not run"}
+        if "error" in r:
+            lines.append(f"| {name} | ERROR: {str(r['error'])[:150]} |" + " |" * 10)
+            continue
+        lines.append(" | ".join([
+            f"| {r.get('label', name)}", r.get("act_dtype", "-"), ",".join(r.get("kernels", ["-"])),
+            _f(r.get("load_s")), _f(r.get("first_token_s")), _f(r.get("decode_tok_s")),
+            _f(r.get("decode_vs_qvl_bf16"), "{:.2f}x"), _f(r.get("peak_rss_gb")),
+            _f(r.get("decoder_linear_bytes") and r["decoder_linear_bytes"] / GB, "{:.3f}"),
+            _f(r.get("bytes_per_token") and r["bytes_per_token"] / GB, "{:.3f}"),
+            _f(r.get("achieved_gb_s"), "{:.1f}"), _f(r.get("fraction_of_roofline") and
+                                                    100 * r["fraction_of_roofline"], "{:.0f}%")]) + " |")
+    lines.append("")
+    lines.append("read/token = decoder linears (packed weights + scales/zeros + biases) + lm_head, as held in "
+                 "memory; achieved GB/s = that x decode tok/s; 'of copy bw' = decode tok/s over copy bandwidth / "
+                 "read/token. transformers' row uses its bf16 weight bytes.")
+    tf = result["engines"].get("transformers") or {}
+    if tf.get("source"):
+        lines.append(f"transformers numbers reused from {tf['source']}, not re-run.")
+    shares = {n: r.get("other_cpu_share") for n, r in result["engines"].items() if r.get("other_cpu_share")}
+    if shares:
+        lines.append("CPU used by other processes while each ran: " +
+                     ", ".join(f"{n} {100 * v:.0f}%" for n, v in shares.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated subset of {','.join(SCHEMES)}")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the table shows the best")
+    ap.add_argument("--config", choices=tuple(core.CONFIGS), default="qwen2vl-2b")
+    ap.add_argument("--group-size", type=int, default=None, help="default 128 (2B), 32 (tiny)")
+    ap.add_argument("--transformers", choices=("auto", "run", "skip"), default="auto",
+                    help="auto: reuse core-bfloat16.json's transformers numbers when present, else run")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--wait-idle", type=float, default=0.0, help="wait up to this long for other load to go")
+    ap.add_argument("--child-spec", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.child_spec:
+        return child_main(args.child_spec)
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if not schemes or any(s not in SCHEMES for s in schemes):
+        ap.error(f"--schemes must be a subset of {','.join(SCHEMES)}")
+    group = args.group_size or (128 if args.config == "qwen2vl-2b" else 32)
+    threads = args.threads or core.usable_cores()
+    out = pathlib.Path(args.out)
+
+    base = core.ensure_checkpoint(args.config)
+    ckpts = {s: base if SCHEMES[s][0] is None else ensure_quantized(base, SCHEMES[s][0], group) for s in schemes}
+    result = {"config": args.config, "group_size": group, "new_tokens": args.new_tokens, "threads": threads,
+              "repeats": args.repeats,
+              "schemes": schemes + (["transformers"] if args.transformers != "skip" else []),
+              "machine": core.machine_info(), "checkpoints": {s: str(p) for s, p in ckpts.items()}, "engines": {}}
+    with tempfile.TemporaryDirectory(prefix="qvl-bench-quant-") as work:
+        work = pathlib.Path(work)
+        spec = {"image": str(core.make_image(work / "bench.png")), "new_tokens": args.new_tokens, "threads": threads,
+                "repeats": args.repeats,
+                "bandwidth_bytes": (1 << 30) if args.config == "qwen2vl-2b" else (128 << 20)}
+        if args.wait_idle:
+            core.wait_for_idle(args.wait_idle)
+        result["bandwidth"] = core.run_child("bandwidth", spec, work, args.timeout)
+        for s in schemes:
+            kind, dtype = SCHEMES[s]
+            core._warm_page_cache(ckpts[s])
+            if args.wait_idle:
+                core.wait_for_idle(args.wait_idle)
+            log.info("%s: qvl %s on %s", s, dtype, ckpts[s].name)
+            r = run_qvl(dict(spec, ckpt=str(ckpts[s]), dtype=dtype), work, s, args.timeout)
+            result["engines"][s] = dict(r, act_dtype=dtype, label=f"qvl {s}" + (f" ({kind})" if kind else ""))
+        if args.transformers != "skip":
+            tf = _transformers_reference(out, args.new_tokens, args.config) if args.transformers == "auto" else None
+            if tf is None:
+                core._warm_page_cache(base)
+                if args.wait_idle:
+                    core.wait_for_idle(args.wait_idle)
+                tf = core.run_child("transformers", dict(spec, ckpt=str(base), dtype="bfloat16"), work, args.timeout)
+            raw = json.loads((base / "config.json").read_text())
+            bpt = core.decoder_bytes_per_token(raw, "bfloat16")["bytes"]
+            result["engines"]["transformers"] = dict(tf, act_dtype="bfloat16", kernels=["dense"],
+                                                     label="transformers bf16", bytes_per_token=bpt)
+    prompts = {r.get("prompt_tokens") for r in result["engines"].values() if r.get("prompt_tokens")}
+    result["prompt_tokens"] = "/".join(str(p) for p in sorted(prompts)) or "?"
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    summarize(result)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "quant" if args.config == "qwen2vl-2b" else f"quant-{args.config}"
+    md = render_markdown(result)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    return 0 if all("error" not in r for r in result["engines"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

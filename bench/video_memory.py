@@ -1,0 +1,173 @@
+"""Peak memory of video prompts against video length: lazy, chunked qvl vs a materialized pass.
+
+Run as ``nice python -m qvl.bench.video_memory [--minutes 1 5 20] [--out bench/results]``.
+
+Videos: ``moving_squares`` at 64x48, 2 fps, h264, generated once with PyAV under
+``$QVL_BENCH_CACHE`` (default ``~/.cache/qvl/bench``), outside the repository. Every video item
+uses qwen-vl-utils' defaults (2 fps sampling, at most 768 frames, 128..768 tokens per frame
+under the 128k-token total-pixels budget), so frames are upscaled to 280x392 and a 20-minute
+video becomes 768 frames, 384 frame pairs, ~54k vision tokens.
+
+Each (length, mode) runs in a fresh subprocess; peak RSS is its ``ru_maxrss``, and the
+baseline is the RSS after imports and engine load (tiny checkpoint, KV cache sized to fit).
+Modes:
+* ``qvl``: ``Engine.generate`` end to end (4 new tokens): frames decoded lazily (only sampled
+  indices converted), resized as they arrive into uint8, float pixel rows built per chunk of
+  frame pairs, vision tower run per chunk, then prefill and decode.
+* ``materialized``: what the reference pipeline holds: all sampled frames as float32 (as
+  qwen-vl-utils returns them), the whole ``pixel_values_videos`` and one vision-tower pass over
+  every patch. No LLM. Same decoder, same frames.
+The tiny tower's activations are small (embed 32); a real tower's scale with the chunk in the
+qvl mode and with the whole video in the materialized one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+WIDTH, HEIGHT, FPS = 64, 48, 2
+
+
+def _cache() -> pathlib.Path:
+    d = pathlib.Path(os.environ.get("QVL_BENCH_CACHE", pathlib.Path.home() / ".cache" / "qvl" / "bench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _video(minutes: float) -> pathlib.Path:
+    from qvl.scripts.sample_videos import moving_squares, write_video
+
+    path = _cache() / f"squares_{WIDTH}x{HEIGHT}_{FPS}fps_{minutes:g}min.mp4"
+    if not path.exists():
+        n = int(minutes * 60 * FPS)
+        tmp = path.with_suffix(".tmp.mp4")
+        write_video(tmp, moving_squares(n, WIDTH, HEIGHT), fps=FPS)
+        tmp.rename(path)
+    return path
+
+
+def _checkpoint() -> pathlib.Path:
+    from qvl.scripts.tiny import write_tiny_checkpoint
+
+    path = _cache() / "tiny_video_ckpt"
+    if not (path / "config.json").exists():
+        write_tiny_checkpoint(path, weights="random")
+    return path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _child(mode: str, video: str, ckpt: str) -> dict:
+    import torch
+
+    import qvl
+    from qvl.runtime.video import fetch_video
+
+    torch.manual_seed(0)
+    eng = qvl.load(ckpt, max_seq_len=60000)
+    item = {"type": "video", "video": video}
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    out = {"mode": mode, "baseline_mb": base}
+    if mode == "qvl":
+        conv = [{"role": "user", "content": [item, {"type": "text", "text": "What happens?"}]}]
+        eng.generate_ids(conv, max_new_tokens=4, ignore_eos=True)
+        st = eng.last_stats
+        out.update(prompt_tokens=st.prompt_tokens, vision_s=st.vision_s)
+    else:
+        v = fetch_video(item)
+        frames = v.frames.float()  # qwen-vl-utils hands the processor float32 frames
+        del v
+        pv, grid = eng.video_processor([frames])
+        with torch.inference_mode():
+            emb = eng.model.visual.encode(pv, grid)
+        out.update(prompt_tokens=int(emb.shape[0]), pixel_values_mb=pv.numel() * 4 / 2**20)
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _run_child(mode: str, video: pathlib.Path, ckpt: pathlib.Path) -> dict:
+    cmd = [sys.executable, "-m", "qvl.bench.video_memory", "--child", mode, "--video", str(video), "--ckpt", str(ckpt)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{mode} child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = [
+        "# Video prompt memory vs length",
+        "",
+        f"Generated {_dt.date.today().isoformat()} by `python -m qvl.bench.video_memory` on "
+        f"{os.cpu_count()} CPUs (torch threads default). Video: moving squares, {WIDTH}x{HEIGHT}, "
+        f"{FPS} fps, h264; qwen-vl-utils default sampling and sizing (frames upscaled to 280x392, "
+        "at most 768 frames). Tiny checkpoint (vision embed 32, text hidden 64). Peak = `ru_maxrss` "
+        "of a fresh process; baseline = RSS after imports + `qvl.load`.",
+        "",
+        "| minutes | source frames | mode | vision tokens | peak RSS MB | peak - baseline MB | seconds |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['minutes']:g} | {r['source_frames']} | {r['mode']} | {r['prompt_tokens']} | "
+                     f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | {r['seconds']:.1f} |")
+    lines += [
+        "",
+        "`qvl` is the whole request (decode, resize, vision tower in chunks, prefill, 4 tokens); its "
+        "prompt tokens include the text. `materialized` holds float32 frames, the whole "
+        "`pixel_values_videos` and one tower pass, as the reference pipeline does, and stops there.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, nargs="+", default=[1, 5, 20])
+    ap.add_argument("--modes", nargs="+", default=["qvl", "materialized"])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--child", choices=("qvl", "materialized"), help=argparse.SUPPRESS)
+    ap.add_argument("--video", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child, args.video, args.ckpt)))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ckpt = _checkpoint()
+    rows = []
+    for minutes in args.minutes:
+        video = _video(minutes)
+        for mode in args.modes:
+            r = _run_child(mode, video, ckpt)
+            r.update(minutes=minutes, source_frames=int(minutes * 60 * FPS))
+            logger.info("%g min %s: peak %.0f MB (baseline %.0f), %d tokens, %.1fs", minutes, mode, r["peak_mb"],
+                        r["baseline_mb"], r["prompt_tokens"], r["seconds"])
+            rows.append(r)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "video_memory.md").write_text(_markdown(rows))
+    (out / "video_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    logger.info("wrote %s", out / "video_memory.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""Vision encode latency: the ONNX tower in onnxruntime (CPU) vs the torch tower, same process.
+
+Run as ``python -m qvl.bench.vision [--models tiny,2b] [--reps 3] [--out bench/results]``.
+
+Models: ``tiny``, the embedded default model (``qvl demo``'s random tiny checkpoint), and
+``2b``, a random-weight tower with Qwen2-VL-2B's vision config (depth 32, embed_dim 1280,
+16 heads, mlp_ratio 4, hidden 1536; 665M parameters) saved as a tower-only bf16 checkpoint
+(config.json + ``visual.*`` tensors) under ``$QVL_BENCH_CACHE`` (default ``~/.cache/qvl/bench``),
+with its ONNX exports (fp32, fp16) next to it; all are built once and reused.
+
+Cases: one 448x448 image, one 1280x720 image, two 448x448 images in one encode; pixels come
+through the checkpoint's image processor (smart_resize: 1280x720 becomes 1288x728). Per case and
+backend: one warm-up call, then ``reps`` timed calls; min and median are reported. Both backends
+get the same thread count (torch.set_num_threads, ORT intra_op_num_threads); torch runs the
+fp32 tower under inference_mode (per-frame SDPA); ORT runs ``OnnxVision.encode`` (frames
+packed into calls of <= 1024 patches) and, for the batch, also one call over both images (the
+in-graph block mask then makes attention dense over 2048 patches).
+
+Roofline: GFLOP/s = useful FLOPs of the tower (patch embed, blocks with per-frame attention,
+merger; multiply-add = 2) / min time, next to the machine's fp32 matmul peak measured in
+the same run (torch 2048^3 matmul, best of 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from qvl.bench.core import QWEN2_VL_2B_VISION, cache_root, qwen2vl_2b_config
+
+log = logging.getLogger("qvl.bench.vision")
+
+CASES = {"448x448": [(448, 448)], "1280x720": [(1280, 720)], "2 x 448x448": [(448, 448), (448, 448)]}
+BUILD_MARKER = "qvl_bench_build.json"
+
+
+def _image(w: int, h: int, seed: int):
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(20 * x * y)], -1) + 0.1 * g.standard_normal((h, w, 3))
+    return Image.fromarray((rgb.clip(0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def build_2b_tower(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Tower-only checkpoint: 2B config.json, random ``visual.*`` tensors in bf16 (as the release)."""
+    from safetensors.torch import save_file
+
+    from qvl.model.config import VisionConfig
+    from qvl.model.vision import VisionTower
+    from qvl.scripts.tiny import PREPROCESSOR_CONFIG, SPECIAL_TOKENS, _write_json
+
+    if (out / BUILD_MARKER).exists():
+        return out
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    cfg = qwen2vl_2b_config({t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)})  # the release's ids
+    with torch.device("meta"):  # no fp32 copy, no default init pass over 665M parameters
+        tower = VisionTower(VisionConfig.from_hf(cfg["vision_config"]))
+    tower = tower.to_empty(device="cpu").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():  # bench/core's init: normal(0, 0.02), norms 1, biases 0
+            if p.ndim == 1:
+                p.fill_(1.0 if name.endswith(".weight") else 0.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    state = {"visual." + k.replace("patch_embed.weight", "patch_embed.proj.weight"): v.contiguous()
+             for k, v in tower.state_dict().items()}  # official key names
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(tmp / "config.json", cfg)
+    _write_json(tmp / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+    _write_json(tmp / BUILD_MARKER, {"seed": seed, "vision_config": QWEN2_VL_2B_VISION})
+    tmp.rename(out)
+    return out
+
+
+def ensure_export(src: pathlib.Path, out: pathlib.Path, dtype: str) -> pathlib.Path:
+    """An up-to-date ONNX artifact of ``src`` (reused when its manifest still matches)."""
+    import shutil
+
+    from qvl.export.onnx import export_onnx
+    from qvl.runtime.onnx_vision import OnnxVision, OnnxVisionError
+
+    if out.exists():
+        try:
+            OnnxVision.from_checkpoint(out, 2, threads=1)
+            return out
+        except OnnxVisionError as e:
+            log.info("rebuilding %s: %s", out, e)
+            shutil.rmtree(out)
+    return export_onnx(src, out, dtype=dtype)
+
+
+def tower_flops(cfg, grids) -> float:
+    E, D, M, m2 = cfg.embed_dim, cfg.hidden_size, int(cfg.embed_dim * cfg.mlp_ratio), cfg.spatial_merge_size**2
+    n = sum(t * h * w for t, h, w in grids)
+    frames = [h * w for t, h, w in grids for _ in range(t)]
+    linear = 2 * n * (cfg.patch_dim * E + cfg.depth * (4 * E * E + 2 * E * M))
+    attention = cfg.depth * sum(4 * f * f * E for f in frames)  # q k^T and p v, all heads
+    merger = 2 * (n // m2) * (m2 * E * m2 * E + m2 * E * D)
+    return float(linear + attention + merger)
+
+
+def _time(fn, reps: int) -> dict:
+    fn()  # warm-up: allocations, ORT arena growth, oneDNN primitive caches
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps}
+
+
+def matmul_peak_gflops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def bench_model(name: str, src: pathlib.Path, arts: dict, reps: int, threads: int) -> list[dict]:
+    from qvl.export.onnx import load_vision_tower
+    from qvl.runtime.onnx_vision import OnnxVision
+    from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
+
+    proc = ImageProcessor(ImageProcessorConfig.from_dir(src))
+    tower = load_vision_tower(src, torch.float32)
+    merge = tower.cfg.spatial_merge_size
+    sessions = {dtype: OnnxVision.from_checkpoint(path, merge, threads=threads) for dtype, path in arts.items()}
+    rows = []
+    for case, sizes in CASES.items():
+        pv, grid = proc([_image(w, h, i) for i, (w, h) in enumerate(sizes)])
+        flops = tower_flops(tower.cfg, grid.tolist())
+        runs = {}
+        with torch.inference_mode():
+            runs["torch fp32"] = _time(lambda: tower.encode(pv, grid), reps)
+        for dtype, sess in sessions.items():
+            if dtype == "float16" and case != "448x448":
+                continue  # fp16 on the CPU provider is for accuracy, not speed: one size shows it
+            label = f"onnxruntime {'fp32' if dtype == 'float32' else 'fp16'}"
+            runs[label] = _time(lambda: sess.encode(pv, grid), reps)
+            if len(sizes) > 1 and dtype == "float32":
+                one = OnnxVision(arts[dtype] / "vision.onnx", merge, threads=threads, pack_patches=1 << 30)
+                runs[label + ", one call"] = _time(lambda: one.encode(pv, grid), reps)
+        for backend, r in runs.items():
+            rows.append({"model": name, "case": case, "grid_thw": grid.tolist(), "patches": int(pv.shape[0]),
+                         "backend": backend, **r, "gflops": flops / 1e9,
+                         "gflop_per_s": flops / r["min_s"] / 1e9})
+            log.info("%s %s %s: %.1f ms", name, case, backend, r["median_s"] * 1e3)
+    return rows
+
+
+def _export_info(arts: dict) -> dict:
+    from qvl.runtime.manifest import read_manifest
+
+    info = {}
+    for dtype, path in arts.items():
+        sec = read_manifest(path)["vision_onnx"]
+        v = sec["validation"]
+        info[dtype] = {"path": str(path), "max_abs": v["max_abs"], "max_rel": v["max_rel"],
+                       "tolerance_max_rel": v["tolerance_max_rel"], "parameters": sec["parameters"],
+                       "bytes": sum(f["bytes"] for f in sec["files"].values()),
+                       "files": sorted(sec["files"]), "opset": sec["opset"], "export_s": sec.get("export_s")}
+    return info
+
+
+def write_markdown(result: dict, path: pathlib.Path) -> None:
+    m = result["machine"]
+    lines = [
+        "# Vision encode: onnxruntime (CPU) vs torch",
+        "",
+        f"{result['date']}, `python -m qvl.bench.vision` ({result['command']}). {m['cpu']}, "
+        f"{m['threads']} threads for both backends, torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
+        f"load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end (the cores "
+        "are shared). "
+        f"fp32 matmul peak (torch, 2048^3): **{m['matmul_peak_gflops']:.0f} GFLOP/s**. "
+        "Timed calls after one warm-up; with other jobs on the cores the minimum is the steadier "
+        "figure, so GFLOP/s and the ratio to torch use it. GFLOP counts the tower's useful work "
+        "(per-frame attention).",
+        "",
+        "| model | case | patches | backend | min ms | median ms | GFLOP | GFLOP/s | % of matmul peak | vs torch |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {(r["model"], r["case"]): r["min_s"] for r in result["rows"] if r["backend"] == "torch fp32"}
+    for r in result["rows"]:
+        speed = base[(r["model"], r["case"])] / r["min_s"]
+        lines.append(f"| {r['model']} | {r['case']} | {r['patches']} | {r['backend']} | {r['min_s'] * 1e3:.1f} "
+                     f"| {r['median_s'] * 1e3:.1f} | {r['gflops']:.1f} | {r['gflop_per_s']:.0f} | "
+                     f"{100 * r['gflop_per_s'] / m['matmul_peak_gflops']:.0f}% | {speed:.2f}x |")
+    lines += ["", "## Exports", "", "| model | dtype | parameters | files | MB | max abs err | max rel err | "
+              "tolerance | export s |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for model, per in result["exports"].items():
+        for dtype, e in per.items():
+            t = e.get("export_s")
+            lines.append(f"| {model} | {dtype} | {e['parameters'] / 1e6:.1f}M | {' + '.join(e['files'])} | "
+                         f"{e['bytes'] / 1e6:.0f} | {e['max_abs']:.2g} | {e['max_rel']:.2g} | "
+                         f"{e['tolerance_max_rel']:g} | {'?' if t is None else f'{t:.0f}'} |")
+    lines += ["", "Errors: `qvl export onnx` validation, onnxruntime CPU vs the fp32 torch tower over "
+              "3 resolutions + a 3-image batch with a 2-frame video; rel = max|diff| / max|torch|.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="tiny,2b")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    import onnxruntime
+
+    from qvl.runtime.cli import default_model_dir
+
+    root = cache_root()
+    result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["--models", args.models, "--reps", str(args.reps), "--threads", str(args.threads)]),
+              "machine": {"cpu": _cpu(), "threads": args.threads, "torch": torch.__version__,
+                          "onnxruntime": onnxruntime.__version__, "matmul_peak_gflops": matmul_peak_gflops(),
+                          "loadavg_start": os.getloadavg()},
+              "rows": [], "exports": {}}
+    for name in args.models.split(","):
+        if name == "tiny":
+            src = default_model_dir()
+            arts = {"float32": root / "vision-tiny-onnx-fp32", "float16": root / "vision-tiny-onnx-fp16"}
+        elif name == "2b":
+            src = build_2b_tower(root / "qwen2vl-2b-vision-random")
+            arts = {"float32": root / "qwen2vl-2b-vision-onnx-fp32", "float16": root / "qwen2vl-2b-vision-onnx-fp16"}
+        else:
+            raise SystemExit(f"unknown model {name!r}: tiny or 2b")
+        for dtype, path in arts.items():
+            ensure_export(src, path, dtype)
+        result["exports"][name] = _export_info(arts)
+        result["rows"] += bench_model(name, src, arts, args.reps, args.threads)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vision.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out / "vision.md")
+    print((out / "vision.md").read_text())
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Weight-only quantized linears: ``Int4Linear`` and ``Int8Linear``.
+
+Each is built once from a :class:`QuantizedWeight` and keeps only its packed form, in the
+layout of the fastest path for its device and activation dtype:
+
+* ``int4pack``: torch's int4 kernel (:mod:`qvl.quant.kernels`). Act-order checkpoints are
+  permuted once so groups are contiguous; the forward gathers x's columns to match.
+  8-bit weights run on the same kernel as two nibbles, q = 16*hi + lo, so that
+  s*(q - z) = 16s*(hi - z_hi) + s*(lo - z_lo) with z = 16*z_hi + z_lo: hi and lo of each
+  group sit side by side along K and x is fed twice, one kernel call, 8 bits per weight.
+* ``dequant``: the fallback (no kernel for the device, dtype, shape or group size): packed
+  integers + scales + zeros + group index, dequantized per call, then a dense matmul.
+
+Either way forward(x) = x @ W.T + bias for the W of :meth:`QuantizedWeight.dequantize`, up to
+the rounding of the activation dtype (the kernels hold scales and zeros in that dtype).
+Buffers are not persistent: the runtime layout depends on the device, so checkpoints keep the
+formats' own tensors and the loader repacks them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvl.quant import kernels
+from qvl.quant.weight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "int4pack", "dequant")
+
+
+class QuantLinear(nn.Module):
+    bits = 0
+
+    def __init__(self, in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.kernel = "dequant"
+        self.fallback_reason: str | None = None
+        self.act_dtype: torch.dtype | None = None
+        self.kgroup = 0
+        self.register_buffer("perm", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+
+    @classmethod
+    def from_weight(cls, w: QuantizedWeight, bias: torch.Tensor | None = None, dtype=torch.float32,
+                    kernel: str = "auto") -> "QuantLinear":
+        """Repack ``w`` (on the device it lives on) for activations of ``dtype``.
+
+        ``kernel``: "auto" (int4pack where it runs, else dequant), "int4pack" (error if it
+        cannot run) or "dequant".
+        """
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if w.bits != cls.bits:
+            raise ValueError(f"{cls.__name__} takes {cls.bits}-bit weights, got {w.bits}-bit")
+        m = cls(w.in_features, w.out_features, w.group_size)
+        m.act_dtype = dtype
+        reason = "asked for" if kernel == "dequant" else m._kernel_unsupported(w, dtype)
+        if reason is not None and kernel == "int4pack":
+            raise ValueError(f"int4pack kernel cannot run this layer: {reason}")
+        if reason is None:
+            m.kernel = "int4pack"
+            m._pack_kernel(w, dtype)
+        else:
+            m.fallback_reason = reason
+            m._pack_dequant(w)
+        if bias is not None:
+            m.register_buffer("bias", bias.to(dtype), persistent=False)
+        return m
+
+    # -- kernel path -----------------------------------------------------------------------
+
+    def _kernel_unsupported(self, w: QuantizedWeight, dtype) -> str | None:
+        if self.in_features % self.group_size:
+            return f"in_features {self.in_features} is not a multiple of group size {self.group_size}"
+        perm, ok = w.contiguous_groups()
+        if not ok:
+            return "g_idx does not split the columns into equal groups"
+        k = self.in_features * (2 if self.bits == 8 else 1)
+        return kernels.unsupported_reason(w.q.device, dtype, self.out_features, k, self.group_size)
+
+    def _pack_kernel(self, w: QuantizedWeight, dtype) -> None:
+        perm, _ = w.contiguous_groups()
+        q = w.q if perm is None else w.q[:, perm]
+        if perm is not None:
+            self.register_buffer("perm", perm, persistent=False)
+        self.kgroup = kernels.kernel_group(self.group_size)
+        weight, sz = self._kernel_layout(q, w.zeros.to(torch.float32), w.scales.to(torch.float32), dtype)
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scales_zeros", sz, persistent=False)
+
+    def _kernel_layout(self, q, zeros, scales, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    # -- fallback path ---------------------------------------------------------------------
+
+    def _pack_dequant(self, w: QuantizedWeight) -> None:
+        self.register_buffer("qweight", self._store_q(w.q), persistent=False)
+        self.register_buffer("scales", w.scales, persistent=False)
+        self.register_buffer("zeros", w.zeros.to(torch.int16), persistent=False)
+        self.register_buffer("g_idx", w.group_index().to(torch.int32), persistent=False)
+
+    def _store_q(self, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _load_q(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The fallback's weight, decoded (the kernel layouts are opaque)."""
+        if self.kernel != "dequant":
+            raise RuntimeError("the int4pack layout is opaque; only the dequant path keeps a readable weight")
+        return QuantizedWeight(self._load_q(), self.zeros, self.scales, self.bits, self.group_size, self.g_idx)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.quantized_weight().dequantize(dtype)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if self.kernel == "dequant":
+            y = F.linear(x2, self.dequantize(torch.float32).to(x.dtype), self.bias)
+        else:
+            if x.dtype != self.act_dtype:
+                raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
+            if self.perm is not None:
+                x2 = x2.index_select(1, self.perm)
+            y = kernels.mm(self._kernel_input(x2), self.weight, self.kgroup, self.scales_zeros)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        """Bytes of everything the forward reads (packed weight, scales, zeros, index, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, kernel={self.kernel}, bias={self.bias is not None}")
+
+
+class Int4Linear(QuantLinear):
+    bits = 4
+
+    def _kernel_layout(self, q, zeros, scales, dtype):
+        # kernel: (q - 8) * s + zero  ==  s * (q - z)  when zero = (8 - z) * s
+        sz = kernels.scales_zeros(scales, (8 - zeros) * scales, self.group_size, dtype)
+        return kernels.pack(q), sz
+
+    def _store_q(self, q):
+        if q.shape[1] % 2:
+            raise ValueError(f"in_features {q.shape[1]} must be even to hold two 4-bit values per byte")
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # [N, K/2], even k in the low nibble
+
+    def _load_q(self):
+        lo, hi = self.qweight & 0xF, self.qweight >> 4
+        return torch.stack([lo, hi], dim=-1).reshape(self.out_features, self.in_features)
+
+
+class Int8Linear(QuantLinear):
+    bits = 8
+
+    def _kernel_layout(self, q, zeros, scales, dtype):
+        n, k, kg = self.out_features, self.in_features, self.kgroup
+        z_hi = torch.div(zeros, 16, rounding_mode="floor")
+        z_lo = zeros - 16 * z_hi
+        s16 = 16 * scales  # exact: a power of two
+        sz_hi = kernels.scales_zeros(s16, (8 - z_hi) * s16, self.group_size, dtype)  # [K/kg, N, 2]
+        sz_lo = kernels.scales_zeros(scales, (8 - z_lo) * scales, self.group_size, dtype)
+        sz = torch.stack([sz_hi, sz_lo], dim=1).reshape(2 * k // kg, n, 2)  # groups: hi0, lo0, hi1, ...
+        q = q.to(torch.int16)
+        halves = torch.stack([q >> 4, q & 0xF], dim=2)  # [N, K, 2]
+        halves = halves.reshape(n, k // kg, kg, 2).transpose(2, 3).reshape(n, 2 * k)  # [hi_g | lo_g] per group
+        return kernels.pack(halves.to(torch.uint8)), sz.contiguous()
+
+    def _kernel_input(self, x):
+        m, kg = x.shape[0], self.kgroup
+        g = self.in_features // kg
+        return x.reshape(m, g, 1, kg).expand(m, g, 2, kg).reshape(m, 2 * self.in_features)  # [M, 2K]
+
+    def _store_q(self, q):
+        return q.to(torch.uint8).contiguous()
+
+    def _load_q(self):
+        return self.qweight
+
+
+def quant_linear_class(bits: int) -> type[QuantLinear]:
+    try:
+        return {4: Int4Linear, 8: Int8Linear}[bits]
+    except KeyError:
+        raise ValueError(f"{bits}-bit linears are not supported (4 and 8 are)") from None

@@ -1,0 +1,436 @@
+"""Train "qvl-toy": a small Qwen2-VL (the real architecture, via transformers) on synthetic tasks.
+
+    python -m qvl.scripts.train_toy OUT_DIR [--minutes 40] [--seed 0]
+
+The result is an ordinary Hugging Face checkpoint (``save_pretrained``, fp16 safetensors, tokenizer,
+chat template, preprocessor and generation configs, model card) that transformers and qvl both
+load. Data come from ``qvl.scripts.synth``: an endless seeded stream for training, a held-out
+stream for the periodic evaluation that can stop the run early, and the ``synth`` test seed for
+the final accuracy table, measured through qvl (fp32) and cross-checked against transformers.
+
+Reproducibility: initialisation, data order and the learning-rate schedule derive from ``--seed``
+and ``--steps``. The schedule's progress is ``max(step / steps, elapsed / minutes)``, so a run on a
+machine fast enough to finish ``--steps`` inside ``--minutes`` is step-for-step reproducible, and a
+slower machine still anneals and stops inside the time box (with fewer steps; it says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qvl.runtime.inputs import fetch_image
+from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
+from qvl.runtime.prompt import build_request
+from qvl.runtime.tokenizer import Tokenizer
+from qvl.scripts import synth, tiny
+
+log = logging.getLogger("qvl.train_toy")
+
+# Small enough to train on 2 CPU cores in well under an hour, big enough to read 3-digit numbers.
+# head_dim = 192 / 4 = 48, so mrope_section (halves of the rotary dims) sums to 24, split as Qwen's 16:24:24.
+TEXT_DIMS = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=512, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096)
+VISION_DIMS = dict(depth=4, embed_dim=96, num_heads=4, mlp_ratio=3, patch_size=14, temporal_patch_size=2,
+                   spatial_merge_size=2, in_chans=3)
+MROPE_SECTION = (6, 9, 9)
+VOCAB_SIZE = 1024
+# Images keep to the training range whatever a user sends; 4..64 vision tokens an image.
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
+# Training mix: the tasks that need more than a glance (reading, counting, comparing) get more.
+# Scene pictures also carry follow-up questions of the other scene tasks (synth's ``extra``), so
+# those tasks need fewer pictures of their own.
+TASK_WEIGHTS = {"shape": 0.5, "colour": 0.75, "count": 1.5, "position": 0.75, "ocr": 3.5, "compare": 1.5,
+                "direction": 0.75}
+# Disjoint sample streams: training, held-out (early stopping). The final table uses synth's test seed.
+TRAIN_SEED, HELDOUT_SEED, TEST_SEED = 10_000, 20_000, 1
+
+
+@dataclass
+class Example:
+    task: str
+    ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None
+    grids: list
+    video_values: torch.Tensor | None
+    video_grids: list
+
+
+class Encoder:
+    """Sample -> token ids, labels and pixel inputs, through qvl's own prompt and image path.
+
+    Image prompts go through ``build_request``, the code path qvl runs at inference, so training
+    sees exactly the pixels and tokens inference will. Videos are patchified here as
+    transformers' Qwen2VLVideoProcessor does (frames are already multiples of 28).
+    """
+
+    def __init__(self, ckpt_dir: Path):
+        self.tok = Tokenizer.from_dir(ckpt_dir)
+        self.proc = ImageProcessor(ImageProcessorConfig.from_dir(ckpt_dir))
+        self.im_end = self.tok.token_id("<|im_end|>")
+        self.image_id, self.video_id = self.tok.token_id("<|image_pad|>"), self.tok.token_id("<|video_pad|>")
+        c = self.proc.cfg
+        x = (np.arange(256, dtype=np.float64) * c.rescale_factor).astype(np.float32)
+        self._lut = ((x[None, :] - np.array(c.image_mean, np.float32)[:, None])
+                     / np.array(c.image_std, np.float32)[:, None]).astype(np.float32)  # [3, 256]
+
+    def video(self, frames) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        c = self.proc.cfg
+        p, m, tp = c.patch_size, c.merge_size, c.temporal_patch_size
+        arr = np.stack([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in frames])  # [T, H, W, C]
+        if len(arr) % tp:
+            arr = np.concatenate([arr, arr[-1:].repeat(tp - len(arr) % tp, 0)])
+        t, h, w, ch = arr.shape
+        if h % (p * m) or w % (p * m):
+            raise ValueError(f"video frames must be multiples of {p * m}, got {w}x{h}")
+        vals = self._lut[np.arange(ch)[None, None, None, :], arr]  # [T, H, W, C] float32
+        gt, gh, gw = t // tp, h // p, w // p
+        x = vals.reshape(gt, tp, gh // m, m, p, gw // m, m, p, ch)
+        x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)  # [gt, gh/m, gw/m, m, m, C, tp, p, p]
+        return torch.from_numpy(np.ascontiguousarray(x).reshape(gt * gh * gw, -1)), (gt, gh, gw)
+
+    def __call__(self, s: synth.Sample, follow_ups: bool = True) -> Example:
+        """The sample's question as the first turn; with ``follow_ups``, its extra questions as
+        later turns of the same chat (every answer is supervised)."""
+        msgs = s.messages()
+        vv, vgrids = None, []
+        if s.frames:
+            text = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
+            vv, g = self.video(s.frames)
+            parts = text.split("<|video_pad|>")
+            ids = self.tok.encode(parts[0] + "<|video_pad|>" * (g[0] * g[1] * g[2] // 4) + parts[1])
+            pv, grids, vgrids = None, [], [g]
+        else:
+            req = build_request(msgs, self.tok, self.proc, self.proc.cfg.merge_size)
+            text, ids, pv, grids = req.text, req.ids, req.pixel_values, req.grids
+        labels = [-100] * len(ids)
+        conv, done = list(msgs), text  # `done`: the template text whose tokens are in `ids`
+        for k, (question, answer) in enumerate([(s.question, s.answer)] + (s.extra if follow_ups else [])):
+            if k:
+                conv.append({"role": "user", "content": question})
+                text = self.tok.apply_chat_template(conv, add_generation_prompt=True)
+                if not text.startswith(done):
+                    raise ValueError("the chat template does not render a conversation as a prefix of its extension")
+                prompt = self.tok.encode(text[len(done):])
+                ids, labels = ids + prompt, labels + [-100] * len(prompt)
+            target = self.tok.encode(answer) + [self.im_end]
+            ids, labels = ids + target, labels + target
+            conv.append({"role": "assistant", "content": answer})
+            done = text + answer + "<|im_end|>"
+        return Example(s.task, ids, labels, pv, grids, vv, vgrids)
+
+    def collate(self, batch: list[Example]) -> dict:
+        return collate(batch, self.image_id, self.video_id)
+
+
+def collate(batch: list[Example], image_token_id: int, video_token_id: int) -> dict:
+    """Right-padded batch in the keyword form ``Qwen2VLForConditionalGeneration`` takes."""
+    n = max(len(e.ids) for e in batch)
+    ids = torch.zeros(len(batch), n, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros(len(batch), n, dtype=torch.long)
+    for b, e in enumerate(batch):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        labels[b, : len(e.ids)] = torch.tensor(e.labels)
+        mask[b, : len(e.ids)] = 1
+    # transformers 5 finds the vision runs for M-RoPE from these (0 text, 1 image, 2 video)
+    types = (ids == image_token_id).long() + 2 * (ids == video_token_id).long()
+    out = dict(input_ids=ids, attention_mask=mask, labels=labels, mm_token_type_ids=types)
+    pv = [e.pixel_values for e in batch if e.pixel_values is not None]
+    if pv:
+        out["pixel_values"] = torch.cat(pv)
+        out["image_grid_thw"] = torch.tensor([g for e in batch for g in e.grids])
+    vv = [e.video_values for e in batch if e.video_values is not None]
+    if vv:
+        out["pixel_values_videos"] = torch.cat(vv)
+        out["video_grid_thw"] = torch.tensor([g for e in batch for g in e.video_grids])
+    return out
+
+
+class Stream:
+    """Endless training examples: tasks drawn by ``TASK_WEIGHTS``, each task's samples in index order."""
+
+    def __init__(self, enc: Encoder, seed: int, tasks=synth.TASKS):
+        self.enc, self.seed = enc, seed
+        self.rng = random.Random(f"qvl-train-order:{seed}")
+        self.tasks = list(tasks)
+        self.weights = [TASK_WEIGHTS[t] for t in self.tasks]
+        self.next_index = {t: 0 for t in self.tasks}
+
+    def batch(self, size: int) -> list[Example]:
+        out = []
+        for task in self.rng.choices(self.tasks, self.weights, k=size):
+            out.append(self.enc(synth.make_sample(task, self.next_index[task], self.seed)))
+            self.next_index[task] += 1
+        # similar lengths together waste less compute on padding inside the two micro-batches
+        return sorted(out, key=lambda e: len(e.ids))
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, enc: Encoder, examples: list[Example], batch_size: int = 32) -> dict[str, float]:
+    """Per-task fraction of examples whose every answer token (and the end token) is the argmax.
+
+    That is exactly the examples greedy decoding answers correctly, at the cost of one forward pass.
+    """
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        inputs = enc.collate(chunk)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        pred = logits[:, :-1].argmax(-1)
+        tgt = labels[:, 1:]
+        ok = ((pred == tgt) | (tgt == -100)).all(-1)
+        for e, k in zip(chunk, ok.tolist()):
+            hits.setdefault(e.task, []).append(k)
+    model.train()
+    return {t: sum(v) / len(v) for t, v in hits.items()}
+
+
+def build_checkpoint_files(out: Path) -> tuple[dict, dict]:
+    """Tokenizer, chat template, preprocessor and generation configs; returns (flat config, ids)."""
+    ids = tiny.build_tokenizer(out, corpus=synth.VOCAB_TEXT + "\n" + tiny._CORPUS, vocab_size=VOCAB_SIZE)
+    tok = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tiny._padded_vocab(len(tok["model"]["vocab"]) + len(tok["added_tokens"]))
+    flat = tiny.make_config(ids, vocab, tie_word_embeddings=True, mrope_section=MROPE_SECTION, layout="flat",
+                            text_dims=TEXT_DIMS, vision_dims=VISION_DIMS)
+    tiny._write_chat_template(out, "chat_template.json")
+    tiny._write_json(out / "preprocessor_config.json",
+                     {**tiny.PREPROCESSOR_CONFIG, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})
+    return flat, ids
+
+
+def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.05) -> float:
+    if progress < warmup:
+        return peak * progress / warmup
+    p = min(1.0, (progress - warmup) / (1 - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train(out: Path, minutes: float, steps: int, seed: int, batch_size: int, lr: float, eval_every: int,
+          eval_n: int, target: float, threads: int | None) -> dict:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    if threads:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    flat, ids = build_checkpoint_files(out)
+    enc = Encoder(out)
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(**{k: v for k, v in flat.items() if k != "architectures"})
+    model = Qwen2VLForConditionalGeneration(config)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters (vision %.2fM), vocab %d", n_params / 1e6,
+             sum(p.numel() for p in model.model.visual.parameters()) / 1e6, flat["vocab_size"])
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    stream = Stream(enc, TRAIN_SEED + seed)
+    heldout = [enc(s, follow_ups=False) for s in synth.generate(eval_n, HELDOUT_SEED + seed)]
+
+    budget_s = minutes * 60
+    t0 = time.perf_counter()
+    ema, best, history = None, None, []
+    step = 0
+    reason = "step budget"
+    while True:
+        elapsed = time.perf_counter() - t0
+        progress = max(step / steps, elapsed / budget_s)
+        if progress >= 1.0:
+            if elapsed / budget_s >= 1.0 and step < steps:
+                reason = "time box"
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, lr)
+        batch = stream.batch(batch_size)
+        opt.zero_grad(set_to_none=True)
+        loss_sum, n_tok = 0.0, sum(sum(1 for x in e.labels if x != -100) for e in batch)
+        # two micro-batches of similar length: half the padding of one batch of mixed lengths
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            inputs = enc.collate(part)
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100,
+                                                     reduction="sum") / n_tok
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss_sum if ema is None else 0.95 * ema + 0.05 * loss_sum
+        if step % 20 == 0:
+            el = time.perf_counter() - t0
+            rate = step / el
+            eta = min((steps - step) / rate, budget_s - el)
+            log.info("step %d/%d  loss %.4f (ema %.4f)  lr %.2e  %.2f steps/s  %.0f samples/s  "
+                     "elapsed %.1f min  ETA %.1f min", step, steps, loss_sum, ema, opt.param_groups[0]["lr"],
+                     rate, rate * batch_size, el / 60, eta / 60)
+        if step % eval_every == 0:
+            acc = teacher_forced_accuracy(model, enc, heldout)
+            worst = min(acc.values())
+            history.append({"step": step, "minutes": (time.perf_counter() - t0) / 60, "loss_ema": ema, **acc})
+            log.info("held-out exact match at step %d: %s  (worst %.3f)", step,
+                     "  ".join(f"{t} {a:.3f}" for t, a in acc.items()), worst)
+            if best is None or worst >= best[0]:
+                best = (worst, step, copy.deepcopy(model.state_dict()))
+            if worst >= target:
+                reason = f"held-out target {target} reached"
+                break
+    el = time.perf_counter() - t0
+    log.info("training stopped after %d steps, %.1f min (%s)", step, el / 60, reason)
+    acc = teacher_forced_accuracy(model, enc, heldout)
+    history.append({"step": step, "minutes": el / 60, "loss_ema": ema, **acc})
+    log.info("final held-out exact match: %s", "  ".join(f"{t} {a:.3f}" for t, a in acc.items()))
+    if best is not None and best[0] > min(acc.values()):
+        log.info("keeping the step-%d weights (worst task %.3f > %.3f)", best[1], best[0], min(acc.values()))
+        model.load_state_dict(best[2])
+
+    model.eval()
+    # fp16 rather than bf16: 3 more mantissa bits, and every weight here is far inside fp16's range
+    model.to(torch.float16).save_pretrained(out)
+    # written after save_pretrained, so these files (not transformers' defaults) describe the model
+    tiny._write_json(out / "generation_config.json", {
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"], "do_sample": False})
+    return {"steps": step, "minutes": el / 60, "stopped_by": reason, "batch_size": batch_size, "lr": lr,
+            "seed": seed, "params": n_params, "history": history}
+
+
+def evaluate_checkpoint(out: Path, n: int, hf_n: int) -> dict:
+    """Exact match per task through qvl (fp32) on synth's test seed, and agreement with transformers."""
+    import qvl
+    from qvl.bench.eval import normalize
+    from transformers import Qwen2VLForConditionalGeneration
+
+    samples = synth.generate(n, TEST_SEED)
+    engine = qvl.load(out, dtype="float32", max_seq_len=512)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    enc = Encoder(out)
+    per_task: dict[str, dict] = {}
+    for s in samples:
+        r = per_task.setdefault(s.task, {"n": 0, "qvl": 0, "hf": 0, "hf_n": 0, "agree": 0})
+        r["n"] += 1
+        try:
+            answer = engine.generate(s.messages(), max_new_tokens=8)
+            r["qvl"] += normalize(answer) == normalize(s.answer)
+        except ValueError as e:  # video, until the runtime reads it
+            r["qvl"] = None
+            r["qvl_error"] = str(e)
+            answer = None
+        if r["hf_n"] < hf_n:
+            e = enc(s, follow_ups=False)
+            prompt = [i for i, lab in zip(e.ids, e.labels) if lab == -100]
+            inputs = enc.collate([Example(s.task, prompt, [-100] * len(prompt), e.pixel_values, e.grids,
+                                      e.video_values, e.video_grids)])
+            inputs.pop("labels")
+            with torch.no_grad():
+                gen = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
+            hf_answer = engine.tokenizer.decode(gen[0, len(prompt):].tolist())
+            r["hf_n"] += 1
+            r["hf"] += normalize(hf_answer) == normalize(s.answer)
+            r["agree"] += answer is not None and hf_answer == answer
+    table = {}
+    for task, r in per_task.items():
+        table[task] = {"n": r["n"], "qvl_fp32": None if r["qvl"] is None else r["qvl"] / r["n"],
+                       "transformers": r["hf"] / r["hf_n"], "transformers_n": r["hf_n"],
+                       "same_answer": None if r["qvl"] is None else r["agree"] / r["hf_n"]}
+    return table
+
+
+def _size_mb(out: Path) -> float:
+    return sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
+
+
+def write_model_card(out: Path, run: dict, table: dict) -> None:
+    rows = []
+    for task, r in table.items():
+        q = "n/a (no video in the runtime yet)" if r["qvl_fp32"] is None else f"{100 * r['qvl_fp32']:.1f}%"
+        same = "n/a" if r["same_answer"] is None else f"{100 * r['same_answer']:.0f}%"
+        rows.append(f"| {task} | {r['n']} | {q} | {100 * r['transformers']:.1f}% (n={r['transformers_n']}) | {same} |")
+    examples = "\n".join(f"| {t} | {q.format(shape='circle', shapes='circles')} |" for t, (q, _) in synth.QUESTIONS.items())
+    t, v = TEXT_DIMS, VISION_DIMS
+    card = f"""# qvl-toy
+
+A tiny vision-language model with the exact **Qwen2-VL architecture**, trained from scratch on
+procedurally generated pictures by `qvl/scripts/train_toy.py`. It is **not** Qwen's weights and
+knows nothing beyond its synthetic tasks; it exists so that `qvl demo` and the tests have a
+model whose answers can be checked. Any Qwen2-VL loader reads it (`transformers`
+`Qwen2VLForConditionalGeneration`, qvl).
+
+- Text decoder: {t['num_hidden_layers']} layers, hidden {t['hidden_size']}, {t['num_attention_heads']} heads \
+({t['num_key_value_heads']} KV), MLP {t['intermediate_size']}, M-RoPE sections {list(MROPE_SECTION)}, tied embeddings.
+- Vision tower: {v['depth']} blocks, width {v['embed_dim']}, patch 14, 2x2 merge; images resized to
+  {MIN_PIXELS}..{MAX_PIXELS} pixels (4..64 vision tokens).
+- Tokenizer: byte-level BPE ({VOCAB_SIZE} merges budget) trained on the task text, Qwen2-VL's special
+  tokens and chat template.
+- {run['params'] / 1e6:.2f}M parameters, {_size_mb(out):.1f} MB in fp16 safetensors.
+- Training: seed {run['seed']}, {run['steps']} steps of {run['batch_size']} samples, AdamW peak lr {run['lr']},
+  {run['minutes']:.1f} min on CPU (stopped by: {run['stopped_by']}).
+
+## Tasks (one question form each shown; answers are single words or numbers)
+
+| task | question |
+|---|---|
+{examples}
+
+`ocr` reads a word from a fixed list of {len(synth.WORDS)} or a number 0..999; `compare` gets two
+pictures; `direction` gets a {synth.VIDEO_FRAMES}-frame video.
+
+## Accuracy (exact match, held-out test seed {TEST_SEED})
+
+| task | n | qvl fp32 | transformers fp32 | same answer (qvl vs transformers) |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Reproduce with `python -m qvl.scripts.synth --out DIR --n 100 --seed {TEST_SEED}` and
+`qvl eval {out.name} --data DIR/data.jsonl`.
+"""
+    (out / "README.md").write_text(card, encoding="utf-8")
+    (out / "train_log.json").write_text(json.dumps({**run, "test": table}, indent=1) + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--minutes", type=float, default=40, help="time box for the training loop")
+    ap.add_argument("--steps", type=int, default=6000, help="step budget the learning-rate schedule spans")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
+    ap.add_argument("--eval-n", type=int, default=50, help="held-out samples per task")
+    ap.add_argument("--target", type=float, default=0.99, help="stop once every task reaches this held-out accuracy")
+    ap.add_argument("--test-n", type=int, default=200, help="final test samples per task (0: skip)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out_dir)
+    run = train(out, args.minutes, args.steps, args.seed, args.batch_size, args.lr, args.eval_every, args.eval_n,
+                args.target, args.threads)
+    table = evaluate_checkpoint(out, args.test_n, hf_n=min(args.test_n, 50)) if args.test_n else {}
+    for task, r in table.items():
+        log.info("test %-9s qvl %s  transformers %.3f  same answer %s", task, r["qvl_fp32"], r["transformers"],
+                 r["same_answer"])
+    write_model_card(out, run, table)
+    log.info("wrote %s (%.1f MB of weights)", out, _size_mb(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The synthetic task generator and the toy model's training inputs."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qvl.scripts import synth
+
+
+def _digest(sample: synth.Sample) -> str:
+    h = hashlib.sha256(f"{sample.question}|{sample.answer}|{sample.extra}".encode())
+    for im in sample.images + sample.frames:
+        h.update(repr(im.size).encode() + im.tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("task", synth.TASKS)
+def test_a_sample_depends_only_on_task_index_and_seed(task):
+    a = [_digest(synth.make_sample(task, i, seed=3)) for i in range(4)]
+    assert a == [_digest(synth.make_sample(task, i, seed=3)) for i in range(4)]
+    assert len(set(a)) == 4
+    assert a != [_digest(synth.make_sample(task, i, seed=4)) for i in range(4)]
+    # a slice regenerates without the samples before it
+    assert synth.generate(2, seed=3, tasks=(task,), start=2)[1].id == f"{task}-00003"
+    assert _digest(synth.generate(2, seed=3, tasks=(task,), start=2)[1]) == a[3]
+
+
+def test_answers_come_from_the_closed_vocabulary():
+    numbers = {str(i) for i in range(1000)}
+    for s in synth.generate(20, seed=0):
+        assert s.answer in synth.ANSWERS or (s.task == "ocr" and s.answer in numbers), s
+        for _, answer in s.extra:
+            assert answer in synth.ANSWERS
+        if s.task in synth.VIDEO_TASKS:
+            assert len(s.frames) == synth.VIDEO_FRAMES and not s.images
+        else:
+            assert s.images and not s.frames
+            assert all(56 <= min(im.size) and max(im.size) <= 252 for im in s.images)
+
+
+def test_video_frames_show_the_motion_the_answer_names():
+    for i in range(12):
+        s = synth.make_sample("direction", i, seed=0)
+        w, h = s.frames[0].size
+        assert w % 56 == 0 and h % 56 == 0 and all(f.size == (w, h) for f in s.frames)
+        bg = np.asarray(s.frames[0])[0, 0].astype(int)
+        centres = []
+        for f in s.frames:
+            ink = np.abs(np.asarray(f).astype(int) - bg).sum(-1) > 30
+            ys, xs = np.nonzero(ink)
+            centres.append((xs.mean(), ys.mean()))
+        dx, dy = centres[-1][0] - centres[0][0], centres[-1][1] - centres[0][1]
+        seen = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert seen == s.answer, (s.id, dx, dy)
+
+
+def _kind(question: str) -> tuple:
+    """(task, shape) a question asks about, from the question templates."""
+    for task, forms in synth.QUESTIONS.items():
+        for form in forms:
+            for shape in (None, *synth.SHAPES):
+                if question == form.format(shape=shape, shapes=synth.PLURAL.get(shape)):
+                    return task, shape
+    raise AssertionError(question)
+
+
+def test_follow_up_questions_never_repeat_the_first():
+    for s in synth.generate(10, seed=0, tasks=("shape", "colour", "count", "position")):
+        kinds = [_kind(s.question)] + [_kind(q) for q, _ in s.extra]
+        assert len(set(kinds)) == len(kinds), (s.question, s.extra)
+
+
+def test_write_dataset_is_reproducible(tmp_path):
+    a = synth.write_dataset(tmp_path / "a", n=1, seed=5)
+    b = synth.write_dataset(tmp_path / "b", n=1, seed=5)
+    assert a.read_bytes() == b.read_bytes()
+    recs = [json.loads(line) for line in a.read_text().splitlines()]
+    assert [r["task"] for r in recs] == list(synth.TASKS)
+    for r in recs:
+        paths = r.get("images") or r["messages"][0]["content"][0]["video"]
+        for p in paths:
+            assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    from qvl.scripts import train_toy
+
+    out = tmp_path_factory.mktemp("toy")
+    train_toy.build_checkpoint_files(out)
+    return out
+
+
+def test_toy_tokenizer_makes_answers_short(toy_dir):
+    from qvl.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(toy_dir)
+    for a in synth.ANSWERS:
+        assert len(tok.encode(a)) == len(a.split()), a  # one token a word
+
+
+def test_training_examples_supervise_only_the_answers(toy_dir):
+    from qvl.runtime.prompt import build_request
+    from qvl.scripts.train_toy import Encoder
+
+    enc = Encoder(toy_dir)
+    for s in synth.generate(1, seed=0):
+        e = enc(s)
+        labelled = [t for t in e.labels if t != -100]
+        expected = []
+        for _, answer in [(s.question, s.answer)] + s.extra:
+            expected += enc.tok.encode(answer) + [enc.im_end]
+        assert labelled == expected
+        # labels sit on the ids they supervise; the first turn is exactly what inference builds
+        assert all(lab in (-100, i) for lab, i in zip(e.labels, e.ids))
+        single = enc(s, follow_ups=False)
+        req = build_request(s.messages(), enc.tok, enc.proc, 2, video_processor=_video_processor(toy_dir))
+        assert single.ids[: len(req.ids)] == req.ids
+        if s.frames:  # our video patches match the runtime's video path
+            rows = torch.cat([v.rows() for v in req.videos])
+            torch.testing.assert_close(single.video_values, rows, rtol=0, atol=1e-5)
+            assert list(single.video_grids) == [tuple(v.grid) for v in req.videos]
+        else:
+            torch.testing.assert_close(single.pixel_values, req.pixel_values, rtol=0, atol=0)
+
+
+def _video_processor(path):
+    from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
+
+    return VideoProcessor(VideoProcessorConfig.from_dir(path))
