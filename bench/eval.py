@@ -30,7 +30,8 @@ Each model runs in its own subprocess, so ``peak RSS`` is that process's ``ru_ma
 KV cache and activations; CUDA runs report ``torch.cuda.max_memory_allocated`` as well).
 ``--in-process`` skips the subprocesses (faster; memory figures then accumulate across models).
 Speed: decode tok/s = (new tokens - 1) / decode time summed over the set, first-token latency
-averaged, after one warm-up answer; batch 1, greedy.
+averaged, after one warm-up answer; batch 1, greedy. Size: the weight files on disk, and the
+model's tensors as loaded (what ``@dtype`` changes; the plot's x axis).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import resource
 import subprocess
@@ -209,6 +209,16 @@ def weights_mb(model_dir) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
+def loaded_weights_mb(model) -> float:
+    """Bytes of the model's persistent tensors as loaded (tied weights once, no KV cache)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 1e6
+
+
 def parse_model(spec: str) -> tuple[str, str | None]:
     """``DIR`` or ``DIR@dtype``."""
     if "@" in spec and not Path(spec).exists():
@@ -293,10 +303,10 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     answered = [r for r in rows if "score" in r]
     result = {
         "model": spec, "path": str(path), "dtype": dtype, "device": device,
-        "weights_mb": weights_mb(path), "load_s": load_s,
+        "weights_mb": weights_mb(path), "loaded_weights_mb": loaded_weights_mb(engine.model), "load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "model_rss_mb": None, "kl": kl_mean, "top1": top1, "kl_tokens": n_tok,
-        "decode_tok_s": new_tok / decode_s if decode_s > 0 else None,
+        "decode_tok_s": new_tok / decode_s if (decode_s > 0 and new_tok) else None,
         "first_token_ms": 1000 * first_s / len(answered) if answered else None,
         "rows": rows,
     }
@@ -413,12 +423,14 @@ def _fmt(x, spec: str, none: str = "n/a") -> str:
 def markdown(summary: dict) -> str:
     models = summary["models"]
     lines = [f"## qvl eval: {summary['data']} ({summary['n']} items; reference {summary['reference']})", "",
-             "| model | accuracy | KL vs ref | top-1 vs ref | weights MB | peak RSS MB | model RSS MB "
+             "| model | accuracy | KL vs ref | top-1 vs ref | weights MB (disk / loaded) | peak RSS MB | model RSS MB "
              "| decode tok/s | first token ms |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in models:
         lines.append(f"| {r['name']} | {_fmt(r['accuracy'], '.3f')} | {_fmt(r['kl'], '.2e')} | "
-                     f"{_fmt(r['top1'], '.3f')} | {_fmt(r['weights_mb'], '.1f')} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+                     f"{_fmt(r['top1'], '.3f')} | "
+                     f"{_fmt(r['weights_mb'], '.1f')} / {_fmt(r['loaded_weights_mb'], '.1f')} | "
+                     f"{_fmt(r['peak_rss_mb'], '.0f')} | "
                      f"{_fmt(r['model_rss_mb'], '.0f')} | {_fmt(r['decode_tok_s'], '.1f')} | "
                      f"{_fmt(r['first_token_ms'], '.1f')} |")
     lines += ["", "| task | n | " + " | ".join(r["name"] for r in models) + " |",
@@ -428,7 +440,8 @@ def markdown(summary: dict) -> str:
         for r in models:
             a = r["tasks"].get(t)
             skipped = r["skipped"].get(t, 0)
-            cells.append(_fmt(a, ".3f", none="skipped") + (f" ({skipped} skipped)" if skipped and a is not None else ""))
+            note = f" ({skipped} skipped)" if skipped and a is not None else ""
+            cells.append(_fmt(a, ".3f", none="skipped") + note)
         n = max(r["task_n"].get(t, 0) + r["skipped"].get(t, 0) for r in models)
         lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
     notes = []
@@ -451,24 +464,29 @@ def plot_results(summary: dict, path) -> None:
     models = summary["models"]
     tasks = summary["tasks"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
-    for r in models:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    for k, r in enumerate(models):
         if r["accuracy"] is None:
             continue
-        ax1.scatter(r["weights_mb"], 100 * r["accuracy"], s=60, zorder=3)
-        label = r["name"] + (f"\nKL {r['kl']:.1e}" if r.get("kl") else "")
-        ax1.annotate(label, (r["weights_mb"], 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4),
-                     fontsize=8)
-    sizes = [r["weights_mb"] for r in models if r["weights_mb"]]
+        label = r["name"] + ("" if k == 0 else f"  (KL {_fmt(r['kl'], '.1e')}, top-1 {_fmt(r['top1'], '.3f')})")
+        # shrinking markers keep models that land on the same point (one checkpoint, two
+        # precisions of the same accuracy) visible
+        ax1.scatter(r["loaded_weights_mb"], 100 * r["accuracy"], s=max(160 - 30 * k, 25), zorder=3 + k,
+                    color=colours[k % len(colours)], marker=markers[k % len(markers)], label=label)
+    sizes = [r["loaded_weights_mb"] for r in models if r["loaded_weights_mb"]]
     if sizes and max(sizes) / max(min(sizes), 1e-9) > 20:
         ax1.set_xscale("log")
-    ax1.set_xlabel("weights on disk (MB)")
+    ax1.set_xlabel("weights as loaded (MB)")
     ax1.set_ylabel("accuracy, mean over tasks (%)")
-    ax1.set_title("accuracy vs size")
+    ax1.set_title(f"accuracy vs size (reference: {models[0]['name']})")
     ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7, loc="best")
     width = 0.8 / max(len(models), 1)
     for k, r in enumerate(models):
         vals = [100 * r["tasks"][t] if r["tasks"].get(t) is not None else 0 for t in tasks]
-        ax2.bar([i + k * width for i in range(len(tasks))], vals, width, label=r["name"])
+        ax2.bar([i + k * width for i in range(len(tasks))], vals, width, label=r["name"],
+                color=colours[k % len(colours)])
     ax2.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(tasks))], tasks, rotation=20)
     ax2.set_ylabel("accuracy (%)")
     ax2.set_ylim(0, 105)
@@ -484,7 +502,8 @@ def plot_results(summary: dict, path) -> None:
 # --- command line ----------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint dirs (DIR or DIR@dtype); the first is the reference")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="checkpoint dirs (DIR or DIR@dtype); the first is the reference")
     p.add_argument("--data", required=True, help="JSONL task set (see `python -m qvl.scripts.synth`)")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--out", default="qvl-eval", help="directory for results.json, results.md, accuracy_vs_size.png")

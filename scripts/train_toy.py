@@ -8,10 +8,12 @@ load. Data come from ``qvl.scripts.synth``: an endless seeded stream for trainin
 stream for the periodic evaluation that can stop the run early, and the ``synth`` test seed for
 the final accuracy table, measured through qvl (fp32) and cross-checked against transformers.
 
-Reproducibility: initialisation, data order and the learning-rate schedule derive from ``--seed``
-and ``--steps``. The schedule's progress is ``max(step / steps, elapsed / minutes)``, so a run on a
-machine fast enough to finish ``--steps`` inside ``--minutes`` is step-for-step reproducible, and a
-slower machine still anneals and stops inside the time box (with fewer steps; it says so).
+Reproducibility: initialisation and data order derive from ``--seed``, the learning-rate
+schedule (warm-up, cosine) from the step count. Without ``--steps`` the run times its first steps
+and plans as many as ``--minutes`` holds, and logs the number: passing it as ``--steps`` repeats
+the run step for step. If the machine slows down later, the schedule follows the clock instead,
+so the run still anneals before the time box closes (the log says where it stopped and why).
+On a machine shared with other jobs, ``--threads 1`` avoids oversubscribing the cores.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qvl.runtime.inputs import fetch_image
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
 from qvl.runtime.prompt import build_request
 from qvl.runtime.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ from qvl.scripts import synth, tiny
 
 log = logging.getLogger("qvl.train_toy")
 
-# Small enough to train on 2 CPU cores in well under an hour, big enough to read 3-digit numbers.
+# Small enough to train on 2 CPU cores in 40 minutes; the vision tower is the part that must be good.
 # head_dim = 192 / 4 = 48, so mrope_section (halves of the rotary dims) sums to 24, split as Qwen's 16:24:24.
 TEXT_DIMS = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=512, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096)
@@ -50,8 +51,8 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
 # Training mix: the tasks that need more than a glance (reading, counting, comparing) get more.
 # Scene pictures also carry follow-up questions of the other scene tasks (synth's ``extra``), so
 # those tasks need fewer pictures of their own.
-TASK_WEIGHTS = {"shape": 0.5, "colour": 0.75, "count": 1.5, "position": 0.75, "ocr": 3.5, "compare": 1.5,
-                "direction": 0.75}
+TASK_WEIGHTS = {"shape": 0.5, "colour": 0.6, "count": 2.0, "position": 0.6, "ocr": 3.0, "compare": 2.0,
+                "direction": 0.5}
 # Disjoint sample streams: training, held-out (early stopping). The final table uses synth's test seed.
 TRAIN_SEED, HELDOUT_SEED, TEST_SEED = 10_000, 20_000, 1
 
@@ -71,8 +72,9 @@ class Encoder:
     """Sample -> token ids, labels and pixel inputs, through qvl's own prompt and image path.
 
     Image prompts go through ``build_request``, the code path qvl runs at inference, so training
-    sees exactly the pixels and tokens inference will. Videos are patchified here as
-    transformers' Qwen2VLVideoProcessor does (frames are already multiples of 28).
+    sees exactly the pixels and tokens inference will. Videos are patchified here, as
+    transformers' Qwen2VLVideoProcessor does, so training does not hang on the runtime's video
+    reader; tests/test_synth.py checks the rows against qvl's video path.
     """
 
     def __init__(self, ckpt_dir: Path):
@@ -212,25 +214,51 @@ def build_checkpoint_files(out: Path) -> tuple[dict, dict]:
     return flat, ids
 
 
-def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.05) -> float:
-    if progress < warmup:
-        return peak * progress / warmup
-    p = min(1.0, (progress - warmup) / (1 - warmup))
+WARMUP_STEPS = 100
+CALIBRATION_STEPS = 40  # steps timed (after 10 more of warm-up) to size the run from --minutes
+
+
+def lr_at(step: int, total: int | None, peak: float, floor: float = 0.05) -> float:
+    """Linear warm-up over WARMUP_STEPS, then a cosine from ``peak`` to ``floor * peak`` at ``total``."""
+    if step < WARMUP_STEPS:
+        return peak * (step + 1) / WARMUP_STEPS
+    if total is None:
+        return peak
+    p = min(1.0, (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def train(out: Path, minutes: float, steps: int, seed: int, batch_size: int, lr: float, eval_every: int,
-          eval_n: int, target: float, threads: int | None) -> dict:
+@dataclass
+class Settings:
+    """One training run; the command-line flags of the same names."""
+
+    minutes: float = 40.0
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 16  # as many pictures a second as 32 on 2 cores, and twice the updates
+    lr: float = 2e-3
+    eval_every: int = 300
+    eval_n: int = 50
+    target: float = 0.99
+    threads: int | None = None
+    tasks: tuple = synth.TASKS
+    init: str | None = None
+
+
+def train(out: Path, st: Settings) -> dict:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    if threads:
-        torch.set_num_threads(threads)
+    if st.threads:
+        torch.set_num_threads(st.threads)
     out.mkdir(parents=True, exist_ok=True)
     flat, ids = build_checkpoint_files(out)
     enc = Encoder(out)
-    torch.manual_seed(seed)
-    config = Qwen2VLConfig(**{k: v for k, v in flat.items() if k != "architectures"})
-    model = Qwen2VLForConditionalGeneration(config)
+    torch.manual_seed(st.seed)
+    if st.init:  # continue from an earlier run's weights (same tokenizer: it is rebuilt identically)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(st.init, dtype=torch.float32)
+    else:
+        config = Qwen2VLConfig(**{k: v for k, v in flat.items() if k != "architectures"})
+        model = Qwen2VLForConditionalGeneration(config)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters (vision %.2fM), vocab %d", n_params / 1e6,
@@ -239,24 +267,36 @@ def train(out: Path, minutes: float, steps: int, seed: int, batch_size: int, lr:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    stream = Stream(enc, TRAIN_SEED + seed)
-    heldout = [enc(s, follow_ups=False) for s in synth.generate(eval_n, HELDOUT_SEED + seed)]
+                            lr=st.lr, betas=(0.9, 0.98), eps=1e-8)
+    stream = Stream(enc, TRAIN_SEED + st.seed, st.tasks)
+    heldout = [enc(s, follow_ups=False) for s in synth.generate(st.eval_n, HELDOUT_SEED + st.seed, st.tasks)]
+    minutes, steps, lr, batch_size = st.minutes, st.steps, st.lr, st.batch_size
 
     budget_s = minutes * 60
     t0 = time.perf_counter()
     ema, best, history = None, None, []
-    step = 0
+    step, total, t_cal = 0, steps, None
     reason = "step budget"
     while True:
         elapsed = time.perf_counter() - t0
-        progress = max(step / steps, elapsed / budget_s)
-        if progress >= 1.0:
-            if elapsed / budget_s >= 1.0 and step < steps:
-                reason = "time box"
+        if elapsed >= budget_s:
+            reason = "time box"
             break
+        if total is not None and step >= total:
+            break
+        if total is None and step == 10:
+            t_cal = time.perf_counter()
+        if total is None and step == 10 + CALIBRATION_STEPS:
+            rate = CALIBRATION_STEPS / (time.perf_counter() - t_cal)
+            # 8% of the box is left for the periodic evaluations and slower stretches
+            total = step + int(rate * (budget_s - elapsed) * 0.92)
+            log.info("%.2f steps/s: the %g-minute box holds %d steps; `--steps %d` repeats this run "
+                     "step for step", rate, minutes, total, total)
+        # on a machine that slows down later, the schedule follows the clock, so it still anneals
+        # before the box closes
+        eff = step if total is None else max(step, int(elapsed / budget_s * total))
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress, lr)
+            g["lr"] = lr_at(eff, total, lr)
         batch = stream.batch(batch_size)
         opt.zero_grad(set_to_none=True)
         loss_sum, n_tok = 0.0, sum(sum(1 for x in e.labels if x != -100) for e in batch)
@@ -278,11 +318,11 @@ def train(out: Path, minutes: float, steps: int, seed: int, batch_size: int, lr:
         if step % 20 == 0:
             el = time.perf_counter() - t0
             rate = step / el
-            eta = min((steps - step) / rate, budget_s - el)
-            log.info("step %d/%d  loss %.4f (ema %.4f)  lr %.2e  %.2f steps/s  %.0f samples/s  "
-                     "elapsed %.1f min  ETA %.1f min", step, steps, loss_sum, ema, opt.param_groups[0]["lr"],
+            eta = budget_s - el if total is None else min((total - step) / rate, budget_s - el)
+            log.info("step %d/%s  loss %.4f (ema %.4f)  lr %.2e  %.2f steps/s  %.0f samples/s  "
+                     "elapsed %.1f min  ETA %.1f min", step, total or "?", loss_sum, ema, opt.param_groups[0]["lr"],
                      rate, rate * batch_size, el / 60, eta / 60)
-        if step % eval_every == 0:
+        if step % st.eval_every == 0:
             acc = teacher_forced_accuracy(model, enc, heldout)
             worst = min(acc.values())
             history.append({"step": step, "minutes": (time.perf_counter() - t0) / 60, "loss_ema": ema, **acc})
@@ -290,8 +330,8 @@ def train(out: Path, minutes: float, steps: int, seed: int, batch_size: int, lr:
                      "  ".join(f"{t} {a:.3f}" for t, a in acc.items()), worst)
             if best is None or worst >= best[0]:
                 best = (worst, step, copy.deepcopy(model.state_dict()))
-            if worst >= target:
-                reason = f"held-out target {target} reached"
+            if worst >= st.target:
+                reason = f"held-out target {st.target} reached"
                 break
     el = time.perf_counter() - t0
     log.info("training stopped after %d steps, %.1f min (%s)", step, el / 60, reason)
@@ -309,8 +349,9 @@ def train(out: Path, minutes: float, steps: int, seed: int, batch_size: int, lr:
     tiny._write_json(out / "generation_config.json", {
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"], "do_sample": False})
-    return {"steps": step, "minutes": el / 60, "stopped_by": reason, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "params": n_params, "history": history}
+    return {"steps": step, "planned_steps": total, "minutes": el / 60, "stopped_by": reason,
+            "batch_size": batch_size, "lr": lr, "seed": st.seed, "init": st.init, "params": n_params,
+            "history": history}
 
 
 def evaluate_checkpoint(out: Path, n: int, hf_n: int) -> dict:
@@ -364,8 +405,17 @@ def write_model_card(out: Path, run: dict, table: dict) -> None:
         q = "n/a (no video in the runtime yet)" if r["qvl_fp32"] is None else f"{100 * r['qvl_fp32']:.1f}%"
         same = "n/a" if r["same_answer"] is None else f"{100 * r['same_answer']:.0f}%"
         rows.append(f"| {task} | {r['n']} | {q} | {100 * r['transformers']:.1f}% (n={r['transformers_n']}) | {same} |")
-    examples = "\n".join(f"| {t} | {q.format(shape='circle', shapes='circles')} |" for t, (q, _) in synth.QUESTIONS.items())
+    examples = "\n".join(f"| {t} | {q.format(shape='circle', shapes='circles')} |"
+                         for t, (q, _) in synth.QUESTIONS.items())
     t, v = TEXT_DIMS, VISION_DIMS
+    n = max((r["n"] for r in table.values()), default=0)
+    hf_n = max((r["transformers_n"] for r in table.values()), default=0)
+    start = f"continued from `{run['init']}`" if run["init"] else "from scratch"
+    repeat = ""
+    if run["planned_steps"]:
+        init = f" --init {run['init']}" if run["init"] else ""
+        repeat = (f"; `python -m qvl.scripts.train_toy OUT --seed {run['seed']} --steps {run['planned_steps']}"
+                  f" --batch-size {run['batch_size']} --lr {run['lr']}{init}` repeats it")
     card = f"""# qvl-toy
 
 A tiny vision-language model with the exact **Qwen2-VL architecture**, trained from scratch on
@@ -378,11 +428,12 @@ model whose answers can be checked. Any Qwen2-VL loader reads it (`transformers`
 ({t['num_key_value_heads']} KV), MLP {t['intermediate_size']}, M-RoPE sections {list(MROPE_SECTION)}, tied embeddings.
 - Vision tower: {v['depth']} blocks, width {v['embed_dim']}, patch 14, 2x2 merge; images resized to
   {MIN_PIXELS}..{MAX_PIXELS} pixels (4..64 vision tokens).
-- Tokenizer: byte-level BPE ({VOCAB_SIZE} merges budget) trained on the task text, Qwen2-VL's special
+- Tokenizer: byte-level BPE (at most {VOCAB_SIZE} tokens) trained on the task text, Qwen2-VL's special
   tokens and chat template.
 - {run['params'] / 1e6:.2f}M parameters, {_size_mb(out):.1f} MB in fp16 safetensors.
-- Training: seed {run['seed']}, {run['steps']} steps of {run['batch_size']} samples, AdamW peak lr {run['lr']},
-  {run['minutes']:.1f} min on CPU (stopped by: {run['stopped_by']}).
+- Training: {start}, seed {run['seed']}, {run['steps']} steps of {run['batch_size']} pictures (with
+  follow-up questions as extra chat turns), AdamW peak lr {run['lr']}, {run['minutes']:.1f} min on CPU
+  (stopped by: {run['stopped_by']}){repeat}.
 
 ## Tasks (one question form each shown; answers are single words or numbers)
 
@@ -390,17 +441,18 @@ model whose answers can be checked. Any Qwen2-VL loader reads it (`transformers`
 |---|---|
 {examples}
 
-`ocr` reads a word from a fixed list of {len(synth.WORDS)} or a number 0..999; `compare` gets two
+`ocr` reads a word from a fixed list of {len(synth.WORDS)} or a number 0..{synth.MAX_NUMBER}; `compare` gets two
 pictures; `direction` gets a {synth.VIDEO_FRAMES}-frame video.
 
 ## Accuracy (exact match, held-out test seed {TEST_SEED})
 
-| task | n | qvl fp32 | transformers fp32 | same answer (qvl vs transformers) |
+| task | n | qvl fp32 | transformers fp32 | qvl gives transformers' answer |
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-Reproduce with `python -m qvl.scripts.synth --out DIR --n 100 --seed {TEST_SEED}` and
-`qvl eval {out.name} --data DIR/data.jsonl`.
+transformers runs the first {hf_n} items of each task on the same token ids and pixels (qvl's
+preprocessing is tested bit-exact against transformers' processors elsewhere). Reproduce with
+`python -m qvl.scripts.synth --out DIR --n {n} --seed {TEST_SEED}` and `qvl eval .../{out.name} --data DIR/data.jsonl`.
 """
     (out / "README.md").write_text(card, encoding="utf-8")
     (out / "train_log.json").write_text(json.dumps({**run, "test": table}, indent=1) + "\n", encoding="utf-8")
@@ -410,20 +462,25 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
     ap.add_argument("--minutes", type=float, default=40, help="time box for the training loop")
-    ap.add_argument("--steps", type=int, default=6000, help="step budget the learning-rate schedule spans")
+    ap.add_argument("--steps", type=int, help="steps the learning-rate schedule spans (default: as many as the "
+                    "--minutes box holds, timed over the first steps; the log prints the number)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
+    ap.add_argument("--batch-size", type=int, default=Settings.batch_size, help="pictures a step")
+    ap.add_argument("--lr", type=float, default=Settings.lr, help="peak learning rate")
+    ap.add_argument("--eval-every", type=int, default=Settings.eval_every, help="steps between held-out evaluations")
     ap.add_argument("--eval-n", type=int, default=50, help="held-out samples per task")
     ap.add_argument("--target", type=float, default=0.99, help="stop once every task reaches this held-out accuracy")
     ap.add_argument("--test-n", type=int, default=200, help="final test samples per task (0: skip)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--tasks", nargs="+", default=list(synth.TASKS), choices=synth.TASKS,
+                    help="train on these tasks only (smoke tests)")
+    ap.add_argument("--init", help="start from this checkpoint's weights instead of a fresh initialisation")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out_dir)
-    run = train(out, args.minutes, args.steps, args.seed, args.batch_size, args.lr, args.eval_every, args.eval_n,
-                args.target, args.threads)
+    st = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "tasks"},
+                  tasks=tuple(args.tasks))
+    run = train(out, st)
     table = evaluate_checkpoint(out, args.test_n, hf_n=min(args.test_n, 50)) if args.test_n else {}
     for task, r in table.items():
         log.info("test %-9s qvl %s  transformers %.3f  same answer %s", task, r["qvl_fp32"], r["transformers"],

@@ -112,3 +112,23 @@ def test_qvl_eval_command(tiny_ckpt, synth_set, tmp_path):
 def test_eval_refuses_a_missing_model(synth_set, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         ev.evaluate([str(tmp_path / "nope")], synth_set, out=tmp_path)
+
+
+def test_engine_score_is_teacher_forced_greedy_and_matches_transformers(tiny_ckpt):
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    import qvl
+
+    eng = qvl.load(tiny_ckpt)
+    msgs = [{"role": "user", "content": "Count the objects: one, two"}]
+    ids = eng.generate_ids(msgs, max_new_tokens=6, ignore_eos=True)
+    lp = eng.score(msgs, ids)
+    assert lp.shape == (6, eng.model.cfg.text.vocab_size)
+    assert lp.argmax(-1).tolist() == ids
+    torch.testing.assert_close(lp.logsumexp(-1), torch.zeros(6), atol=1e-5, rtol=0)
+    prompt = eng.tokenizer.encode(eng.tokenizer.apply_chat_template(msgs))
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([prompt + ids[:-1]])).logits[0, len(prompt) - 1:]
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1), atol=1e-4, rtol=1e-4)
