@@ -324,9 +324,12 @@ def _status_kb(key: str) -> int | None:
 def _memory_report(res: dict) -> None:
     import resource
 
-    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # KiB on Linux
-    hwm = _status_kb("VmHWM")
-    res["vmhwm_gb"] = hwm * 1024 / GB if hwm is not None else None
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    res["peak_rss_gb"] = ru.ru_maxrss * 1024 / GB  # KiB on Linux
+    res["major_faults"] = ru.ru_majflt
+    for key, name in (("VmHWM", "vmhwm_gb"), ("RssAnon", "rss_anon_gb"), ("RssFile", "rss_file_gb")):
+        kb = _status_kb(key)
+        res[name] = kb * 1024 / GB if kb is not None else None
 
 
 def _rss_now_gb() -> float | None:
@@ -401,10 +404,15 @@ def _timed_runs(name: str, run, spec: dict, res: dict) -> None:
     Best-of-N because the usual disturbance on a shared CPU box is other processes, which only
     ever make a run slower.
     """
+    import resource
+
     runs = []
     for i in range(spec["repeats"]):
         log.info("%s: timing run %d/%d (%d new tokens)", name, i + 1, spec["repeats"], spec["new_tokens"])
+        flt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         runs.append(run())
+        # page faults that had to read the disk: weights evicted from the page cache under memory pressure
+        runs[-1]["major_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - flt
         log.info("%s: first token %.2fs, decode %.2f tok/s", name, runs[-1]["first_token_s"],
                  runs[-1]["decode_tok_s"])
     res["runs"] = runs
@@ -573,7 +581,29 @@ def wait_for_idle(max_wait: float, threshold: float = 0.3) -> float:
             if busy >= threshold:
                 log.warning("machine still %.0f%% busy after waiting %.0fs; measuring anyway", 100 * busy, waited)
             return busy
-        log.info("machine %.0f%% busy with other work; waiting (%.0fs so far)", 100 * busy, waited)
+        if int(waited) // 60 != int(waited - 5) // 60 or waited < 6:
+            log.info("machine %.0f%% busy with other work; waiting (%.0fs so far)", 100 * busy, waited)
+
+
+def weights_gb(ckpt: pathlib.Path, dtype: str) -> float:
+    """Size of the checkpoint's weights once loaded in ``dtype`` (the files hold bf16)."""
+    stored = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    return stored * {"float32": 2, "bfloat16": 1, "float16": 1}[dtype] / GB
+
+
+def wait_for_memory(need_gb: float, max_wait: float) -> float | None:
+    """Wait up to ``max_wait`` s for ``need_gb`` of MemAvailable; returns what is available."""
+    t0 = time.perf_counter()
+    while True:
+        avail = _meminfo_gb("MemAvailable")
+        if avail is None or avail >= need_gb:
+            return avail
+        waited = time.perf_counter() - t0
+        if waited >= max_wait:
+            return avail
+        if int(waited) // 60 != int(waited - 10) // 60 or waited < 1:
+            log.info("%.1f GB available, this engine needs ~%.1f GB; waiting (%.0fs so far)", avail, need_gb, waited)
+        time.sleep(10)
 
 
 def run_child(kind: str, spec: dict, workdir: pathlib.Path, timeout: float) -> dict:
@@ -581,8 +611,11 @@ def run_child(kind: str, spec: dict, workdir: pathlib.Path, timeout: float) -> d
     spec = dict(spec, result=str(workdir / f"{kind}.json"))
     spec_path = workdir / f"{kind}-spec.json"
     spec_path.write_text(json.dumps(spec))
+    pathlib.Path(spec["result"]).unlink(missing_ok=True)  # never read an earlier round's result
     cmd = [sys.executable, "-m", "qvl.bench.core", "--child", kind, "--child-spec", str(spec_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if spec.get("omp_wait_policy"):
+        env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]  # read once, when OpenMP starts in the child
     tail: deque[str] = deque(maxlen=40)
     jiffies0, cpu0 = _cpu_jiffies(), _children_cpu_s()
     t0 = time.perf_counter()
@@ -643,6 +676,36 @@ def _ok(r: dict | None) -> bool:
     return bool(r) and "error" not in r
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One engine's result over its rounds (fresh processes): best timings, largest RSS.
+
+    Fails only when every round failed; the failures of the other rounds are kept in ``rounds``.
+    """
+    ok = [r for r in rounds if _ok(r)]
+    if not ok:
+        return dict(rounds[0], rounds=rounds) if len(rounds) > 1 else rounds[0]
+    best_ft = min(ok, key=lambda r: r["first_token_s"])
+    best_dec = max(ok, key=lambda r: r["decode_tok_s"])
+    merged = dict(best_ft)
+    merged.update({k: best_dec[k] for k in ("decode_s", "decode_tok_s")})
+    merged["load_s"] = min(r["load_s"] for r in ok)
+    for k in ("peak_rss_gb", "vmhwm_gb", "rss_after_load_gb"):
+        vals = [r[k] for r in ok if r.get(k) is not None]
+        merged[k] = max(vals) if vals else None
+    runs = [run for r in ok for run in r.get("runs", [])]
+    merged["runs"] = runs
+    for k in ("first_token_s", "decode_tok_s"):
+        vals = sorted(run[k] for run in runs)
+        if vals:
+            mid = len(vals) // 2
+            merged[k + "_median"] = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+    shares = [r["other_cpu_share"] for r in ok if r.get("other_cpu_share") is not None]
+    merged["other_cpu_share"] = sum(shares) / len(shares) if shares else None
+    if len(rounds) > 1:
+        merged["rounds"] = rounds
+    return merged
+
+
 def compute_summary(result: dict) -> None:
     bpt = result["roofline"]["bytes_per_token"]
     for r in result["engines"].values():
@@ -679,9 +742,11 @@ def render_markdown(result: dict) -> str:
         f"qvl {m['qvl']}; {m['date']}; load avg at start {m['loadavg_start'][0]:.2f}.",
         f"Input: one {IMAGE_SIZE}x{IMAGE_SIZE} image + \"{PROMPT}\" "
         f"({result.get('prompt_tokens', '?')} prompt tokens), greedy, {result['new_tokens']} new tokens "
-        f"(eos ignored), batch 1, {result['threads']} torch threads, warmed up once, best of "
-        f"{result['repeats']} timed runs. "
-        f"transformers uses its default attention (`{attn}`) and image processor "
+        f"(eos ignored), batch 1, {result['threads']} torch threads; each engine in "
+        f"{result['rounds']} fresh process(es) interleaved with the other engine, each warmed up once, then "
+        f"{result['repeats']} timed run(s); best of all timed runs shown"
+        + (f", OMP_WAIT_POLICY={result['omp_wait_policy']}. " if result.get("omp_wait_policy") else ". ")
+        + f"transformers uses its default attention (`{attn}`) and image processor "
         f"(`{tf.get('image_processor', '?')}`).",
         "",
         "| engine | " + " | ".join(cols) + " |",
@@ -713,18 +778,25 @@ def render_markdown(result: dict) -> str:
     lines.append("")
     med = [f"{n} {r['first_token_s_median']:.2f} s / {r['decode_tok_s_median']:.2f} tok/s"
            for n, r in result["engines"].items() if _ok(r) and "first_token_s_median" in r]
-    if med and result["repeats"] > 1:
-        lines.append(f"Medians of the {result['repeats']} runs (first token / decode): " + "; ".join(med) + ".")
+    if med and result["repeats"] * result["rounds"] > 1:
+        lines.append(f"Medians of the {result['repeats'] * result['rounds']} timed runs (first token / decode): " + "; ".join(med) + ".")
     shares = {n: r.get("other_cpu_share") for n, r in result["engines"].items() if r.get("other_cpu_share") is not None}
     if shares:
         lines.append("CPU used by other processes while each engine ran (share of all cores): " + ", ".join(
             f"{n} {100 * v:.0f}%" for n, v in shares.items())
             + (" -- the machine was shared; treat the numbers as noisy." if max(shares.values()) > 0.1 else "."))
+    splits = "; ".join(f"{n}: preprocess {_f(r.get('preprocess_s'))}, vision {_f(r.get('vision_s'))}, "
+                       f"prefill incl. vision {_f(r.get('prefill_s'))}"
+                       for n, r in result["engines"].items() if _ok(r))
+    faults = {n: sum(run.get("major_faults", 0) for run in r.get("runs", []))
+              for n, r in result["engines"].items() if _ok(r) and r.get("runs")}
+    if faults:
+        lines.append("Major page faults (disk reads) during the timed runs: " + ", ".join(
+            f"{n} {v}" for n, v in faults.items())
+            + (" -- weights were evicted from the page cache under memory pressure and read again."
+               if max(faults.values()) > 1000 else "."))
     lines.append("first token s = image load + preprocessing + tokenization + vision encoder + prefill + "
-                 "first sample. Splits (s): " + "; ".join(
-                     f"{n}: preprocess {_f(r.get('preprocess_s'))}, vision {_f(r.get('vision_s'))}, "
-                     f"prefill incl. vision {_f(r.get('prefill_s'))}"
-                     for n, r in result["engines"].items() if _ok(r)) + ".")
+                 "first sample." + (f" Splits (s): {splits}." if splits else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -740,8 +812,14 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of qvl,transformers")
     ap.add_argument("--config", choices=tuple(CONFIGS), default="qwen2vl-2b",
                     help="qwen2vl-2b: real Qwen2-VL-2B shapes; tiny: toy dims for smoke tests")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed runs per engine after the warmup; the table shows the best (JSON: all, median)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="fresh processes per engine, interleaved between engines (qvl, transformers, qvl, ...)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed runs per process after its warmup; the table shows the best of all "
+                         "rounds x repeats (JSON: every run, medians)")
+    ap.add_argument("--omp-wait-policy", choices=("inherit", "passive", "active"), default="inherit",
+                    help="OMP_WAIT_POLICY for the children; 'passive' keeps multi-threaded runs sane on a "
+                         "machine shared with other busy processes (spinning threads lose their core)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per engine")
     ap.add_argument("--wait-idle", type=float, default=0.0,
@@ -759,8 +837,8 @@ def main(argv=None) -> int:
     bad = [e for e in engines if e not in ENGINES]
     if bad or not engines:
         ap.error(f"--engines must be a comma-separated subset of {','.join(ENGINES)}, got {args.engines!r}")
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error("--repeats and --rounds must be >= 1")
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (decode speed excludes the first token)")
     threads = args.threads or usable_cores()
@@ -776,6 +854,9 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "threads": threads,
         "repeats": args.repeats,
+        "rounds": args.rounds,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") if args.omp_wait_policy == "inherit"
+        else args.omp_wait_policy.upper(),
         "engines_requested": engines,
         "machine": machine_info(),
         "roofline": {**{f"{k}": v for k, v in decoder_bytes_per_token(raw_config, args.dtype).items()
@@ -788,17 +869,29 @@ def main(argv=None) -> int:
         image = make_image(work / "bench.png")
         spec = {"ckpt": str(ckpt), "image": str(image), "dtype": args.dtype, "new_tokens": args.new_tokens,
                 "threads": threads, "repeats": args.repeats,
+                "omp_wait_policy": None if args.omp_wait_policy == "inherit" else args.omp_wait_policy.upper(),
                 "bandwidth_bytes": (1 << 30) if args.config == "qwen2vl-2b" else (128 << 20)}
         if args.wait_idle:
             wait_for_idle(args.wait_idle)
         log.info("measuring memory copy bandwidth")
         result["bandwidth"] = run_child("bandwidth", spec, work, args.timeout)
-        for name in engines:
-            log.info("page cache warm-up, then %s in a fresh process", name)
-            _warm_page_cache(ckpt)
-            if args.wait_idle:
-                wait_for_idle(args.wait_idle)
-            result["engines"][name] = run_child(name, spec, work, args.timeout)
+        per_engine: dict[str, list[dict]] = {name: [] for name in engines}
+        for rnd in range(args.rounds):
+            for name in engines:  # interleaved, so slow phases of a shared machine hit every engine
+                log.info("round %d/%d: page cache warm-up, then %s in a fresh process", rnd + 1, args.rounds, name)
+                # a child that does not fit would get the OOM killer going, maybe on someone else's process
+                need = weights_gb(ckpt, args.dtype) + 1.5
+                avail = wait_for_memory(need, max(args.wait_idle, 60.0))
+                if avail is not None and avail < need:
+                    err = f"skipped: ~{need:.1f} GB needed, only {avail:.1f} GB available"
+                    log.error("%s: %s", name, err)
+                    per_engine[name].append({"kind": name, "error": err})
+                    continue
+                _warm_page_cache(ckpt)
+                if args.wait_idle:
+                    wait_for_idle(args.wait_idle)
+                per_engine[name].append(run_child(name, spec, work, args.timeout))
+        result["engines"] = {name: merge_rounds(rs) for name, rs in per_engine.items()}
     prompts = {r.get("prompt_tokens") for r in result["engines"].values() if _ok(r)}
     if len(prompts) > 1:
         log.warning("engines saw different prompt lengths: %s", sorted(prompts))
@@ -809,6 +902,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"core-{args.dtype}" if args.config == "qwen2vl-2b" else f"core-{args.config}-{args.dtype}"
+    if threads != usable_cores():
+        stem += f"-t{threads}"
     md = render_markdown(result)
     for path, text in ((out / f"{stem}.json", json.dumps(result, indent=2) + "\n"), (out / f"{stem}.md", md)):
         tmp = path.with_name(path.name + ".tmp")

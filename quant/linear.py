@@ -19,16 +19,12 @@ formats' own tensors and the loader repacks them.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qvl.quant import kernels
-from qvl.quant.weight import QuantizedWeight
-
-log = logging.getLogger(__name__)
+from qvl.quant.weight import QuantizedWeight, dequantize as dequantize_weight
 
 KERNELS = ("auto", "int4pack", "dequant")
 
@@ -106,7 +102,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", self._store_q(w.q), persistent=False)
         self.register_buffer("scales", w.scales, persistent=False)
         self.register_buffer("zeros", w.zeros.to(torch.int16), persistent=False)
-        self.register_buffer("g_idx", w.group_index().to(torch.int32), persistent=False)
+        self.register_buffer("g_idx", w.group_index(), persistent=False)  # int64: indexes without a cast
 
     def _store_q(self, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -121,7 +117,8 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self._load_q(), self.zeros, self.scales, self.bits, self.group_size, self.g_idx)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return self.quantized_weight().dequantize(dtype)
+        """The fallback's W [N, K]; per call, so it stays free of host syncs (CUDA graphs)."""
+        return dequantize_weight(self._load_q(), self.zeros, self.scales, self.g_idx, dtype)
 
     # -- forward ---------------------------------------------------------------------------
 

@@ -108,6 +108,9 @@ class QuantizedLinears:
                 raise CheckpointError(f"{mod}: {e}") from None
             module = cls.from_weight(w, tensors.get("bias"), dtype)
             model.set_submodule(mod, module)
+            del tensors, w
+            for name in self.found[mod].values():
+                ckpt.release(name)
             kernels[module.kernel] += 1
             if module.fallback_reason:
                 reasons[module.fallback_reason] += 1

@@ -67,7 +67,11 @@ class QuantizedWeight:
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """[N, K] in ``dtype``. In fp32 this is exact: (q - z) is a small integer and s an fp16."""
-        g = self.group_index()
-        z = self.zeros.t()[:, g].to(torch.float32)  # [N, K]
-        s = self.scales.t()[:, g].to(torch.float32)
-        return ((self.q.to(torch.float32) - z) * s).to(dtype)
+        return dequantize(self.q, self.zeros, self.scales, self.group_index(), dtype)
+
+
+def dequantize(q, zeros, scales, group_index, dtype=torch.float32) -> torch.Tensor:
+    """W[n, k] = scales[g[k], n] * (q[n, k] - zeros[g[k], n]) -> [N, K]; no host syncs."""
+    z = zeros.t()[:, group_index].to(torch.float32)  # [N, K]
+    s = scales.t()[:, group_index].to(torch.float32)
+    return ((q.to(torch.float32) - z) * s).to(dtype)

@@ -56,6 +56,12 @@ def pack_frames(cu_seqlens: list[int], budget: int) -> list[tuple[int, int]]:
     return calls
 
 
+def pick_providers(available) -> list[str]:
+    """The installed ones of TensorRT, CUDA, CPU, best first; onnxruntime places each node on
+    the first that supports it and skips one that fails to start."""
+    return [p for p in PROVIDERS if p in available]
+
+
 def _ort():
     try:
         import onnxruntime
@@ -71,12 +77,15 @@ class OnnxVision:
         ort = _ort()
         self.merge, self.pack_patches = merge, pack_patches
         available = ort.get_available_providers()
-        providers = list(providers or [p for p in PROVIDERS if p in available])
+        providers = list(providers or pick_providers(available))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         # the vision call is followed by torch prefill/decode on the same cores: idle ORT workers
         # must sleep, not spin
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # the arena would keep the largest image's activations (GBs of [heads, N, N] scores at
+        # 720p on the 2B tower) for the life of the process; torch returns them after each call
+        opts.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.metadata = self.session.get_modelmeta().custom_metadata_map

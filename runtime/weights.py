@@ -76,6 +76,18 @@ class SafetensorsFile:
                              offset=self.data_start + begin)
         return t.view(shape)
 
+    def release(self, name: str) -> None:
+        """Drop the pages of ``name`` from this process once it has been read and repacked (the
+        packed quantized weights), so the file's copy does not stay resident beside the repacked
+        one. Only whole pages inside the tensor go; a later read faults them back from the file."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self.entries[name]["data_offsets"]
+        lo = -(-(self.data_start + begin) // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (self.data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 class Checkpoint:
     """All tensors of a checkpoint directory, by name."""
@@ -115,3 +127,6 @@ class Checkpoint:
 
     def get(self, name) -> torch.Tensor:
         return self.where[name].get(name)
+
+    def release(self, name) -> None:
+        self.where[name].release(name)

@@ -20,7 +20,8 @@ import qvl  # noqa: E402
 from qvl.export import onnx as onnx_export  # noqa: E402
 from qvl.export.onnx import ExportError, export_onnx, load_vision_tower  # noqa: E402
 from qvl.runtime.manifest import MANIFEST, checkpoint_fingerprint, file_digest, read_manifest  # noqa: E402
-from qvl.runtime.onnx_vision import OnnxVision, OnnxVisionError, graph_inputs, pack_frames  # noqa: E402
+from qvl.runtime.onnx_vision import (OnnxVision, OnnxVisionError, graph_inputs, pack_frames,  # noqa: E402
+                                     pick_providers)
 
 UNSEEN = [[(1, 2, 2)], [(1, 30, 42)], [(1, 6, 50)], [(3, 8, 10)], [(1, 14, 10), (2, 4, 4), (1, 2, 36)]]
 FP32_TOL, FP16_TOL = 1e-5, 1e-2
@@ -87,6 +88,13 @@ def test_pack_frames():
     assert pack_frames(cu, 40) == [(0, 32), (32, 132), (132, 148)]
     assert pack_frames(cu, 1) == [(0, 16), (16, 32), (32, 132), (132, 140), (140, 148)]
     assert pack_frames(cu, 10**6) == [(0, 148)]
+
+
+def test_provider_preference():
+    assert pick_providers(["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                           "AzureExecutionProvider"]) == \
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
 def test_fp16_variant(art16, tower):

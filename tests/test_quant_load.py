@@ -22,7 +22,7 @@ import quant_ref as ref
 from qvl.model.config import ConfigError
 from qvl.quant.linear import QuantLinear
 from qvl.runtime.loader import load_model
-from qvl.runtime.weights import CheckpointError
+from qvl.runtime.weights import Checkpoint, CheckpointError
 
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 N_NEW = 12
@@ -236,3 +236,13 @@ def test_unsupported_configs_are_named(pairs, tmp_path, change, match):
     d = _edit(pairs["awq"][0], tmp_path, cfg_fn=lambda q: q.update(change))
     with pytest.raises(ConfigError, match=match):
         load_model(d)
+
+
+def test_released_pages_read_back(pairs):
+    # the loader drops the packed tensors' pages after repacking; the file still backs them
+    ckpt = Checkpoint(pairs["gptq-int4"][0])
+    name = "model.embed_tokens.weight"  # large enough to span whole pages
+    view = ckpt.get(name)
+    before = view.clone()
+    ckpt.release(name)
+    assert torch.equal(view, before) and torch.equal(ckpt.get(name), before)
