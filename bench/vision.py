@@ -30,14 +30,13 @@ import json
 import logging
 import os
 import pathlib
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from qvl.bench.core import QWEN2_VL_2B_VISION, cache_root, qwen2vl_2b_config
+from qvl.bench.core import QWEN2_VL_2B_VISION, _cpu_model, cache_root, qwen2vl_2b_config
 
 log = logging.getLogger("qvl.bench.vision")
 
@@ -239,7 +238,7 @@ def main(argv=None) -> int:
     root = cache_root()
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["--models", args.models, "--reps", str(args.reps), "--threads", str(args.threads)]),
-              "machine": {"cpu": _cpu(), "threads": args.threads, "torch": torch.__version__,
+              "machine": {"cpu": _cpu_model(), "threads": args.threads, "torch": torch.__version__,
                           "onnxruntime": onnxruntime.__version__, "matmul_gflops_start": matmul_peak_gflops(),
                           "loadavg_start": os.getloadavg()},
               "rows": [], "exports": {}}
@@ -265,16 +264,6 @@ def main(argv=None) -> int:
     write_markdown(result, out / "vision.md")
     print((out / "vision.md").read_text())
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
