@@ -199,11 +199,13 @@ def child_main(spec_path: str) -> int:
     return rc
 
 
-def run_qvl(spec: dict, workdir: pathlib.Path, name: str, timeout: float) -> dict:
+def run_child(spec: dict, workdir: pathlib.Path, name: str, timeout: float, cmd: list[str] | None = None) -> dict:
+    """Run a measurement in a fresh interpreter (default: the qvl child of this module)."""
     spec = dict(spec, result=str(workdir / f"{name}.json"))
     spec_path = workdir / f"{name}-spec.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "qvl.bench.quant", "--child-spec", str(spec_path)]
+    cmd = (cmd or ["-m", "qvl.bench.quant", "--child-spec"]) + [str(spec_path)]
+    cmd = [sys.executable] + cmd
     jiffies0, cpu0 = core._cpu_jiffies(), core._children_cpu_s()
     t0 = time.perf_counter()
     try:
@@ -262,6 +264,41 @@ def summarize(result: dict) -> None:
             r["decode_vs_qvl_bf16"] = r["decode_tok_s"] / base["decode_tok_s"]
 
 
+def summarize_interleaved(result: dict) -> None:
+    bw = (result.get("bandwidth") or {}).get("bandwidth_gb_s")
+    models = (result.get("interleaved") or {}).get("models") or {}
+    base = (models.get("bf16") or {}).get("tok_s_median")
+    for r in models.values():
+        if base:
+            r["vs_bf16"] = r["tok_s_median"] / base
+        if r.get("bytes_per_token"):
+            r["achieved_gb_s"] = r["tok_s_median"] * r["bytes_per_token"] / GB
+            if bw:
+                r["fraction_of_roofline"] = r["achieved_gb_s"] / bw
+
+
+def _interleaved_lines(result: dict) -> list[str]:
+    inter = result.get("interleaved")
+    if not inter:
+        return []
+    if "error" in inter:
+        return ["", f"Interleaved decode comparison failed: {inter['error']}"]
+    lines = ["", f"Decode steps of the bf16 / quantized models loaded in one process and run interleaved, "
+                 f"step by step ({PROMPT_NOTE}), so all see the same contention:", "",
+             "| scheme | step ms (median) | step ms (best) | tok/s (median) | vs bf16 | achieved GB/s | of copy bw |",
+             "|---" * 7 + "|"]
+    for name, r in inter["models"].items():
+        lines.append(" | ".join([f"| {name}", _f(r["step_ms_median"], "{:.1f}"), _f(r["step_ms_min"], "{:.1f}"),
+                                 _f(r["tok_s_median"]), _f(r.get("vs_bf16"), "{:.2f}x"),
+                                 _f(r.get("achieved_gb_s"), "{:.1f}"),
+                                 _f(r.get("fraction_of_roofline") and 100 * r["fraction_of_roofline"], "{:.0f}%")])
+                     + " |")
+    return lines
+
+
+PROMPT_NOTE = "64-token text prompt prefilled untimed, then greedy steps; embed + decoder + lm_head + argmax"
+
+
 def _f(x, fmt="{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -305,11 +342,13 @@ def render_markdown(result: dict) -> str:
     lines.append("read/token = decoder linears (packed weights + scales/zeros + biases) + lm_head, as held in "
                  "memory; achieved GB/s = that x decode tok/s; 'of copy bw' = decode tok/s over copy bandwidth / "
                  "read/token. transformers' row uses its bf16 weight bytes.")
+    lines += _interleaved_lines(result)
     tf = result["engines"].get("transformers") or {}
     if tf.get("source"):
         lines.append(f"transformers numbers reused from {tf['source']}, not re-run.")
     shares = {n: r.get("other_cpu_share") for n, r in result["engines"].items() if r.get("other_cpu_share")}
     if shares:
+        lines.append("")
         lines.append("CPU used by other processes while each ran: " +
                      ", ".join(f"{n} {100 * v:.0f}%" for n, v in shares.items()) + ".")
     return "\n".join(lines) + "\n"
@@ -324,6 +363,8 @@ def main(argv=None) -> int:
     ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated subset of {','.join(SCHEMES)}")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the table shows the best")
+    ap.add_argument("--interleaved-steps", type=int, default=40,
+                    help="decode steps per model in the one-process interleaved comparison (0: skip)")
     ap.add_argument("--config", choices=tuple(core.CONFIGS), default="qwen2vl-2b")
     ap.add_argument("--group-size", type=int, default=None, help="default 128 (2B), 32 (tiny)")
     ap.add_argument("--transformers", choices=("auto", "run", "skip"), default="auto",
@@ -366,7 +407,7 @@ def main(argv=None) -> int:
             if args.wait_idle:
                 core.wait_for_idle(args.wait_idle)
             log.info("%s: qvl %s on %s", s, dtype, ckpts[s].name)
-            r = run_qvl(dict(spec, ckpt=str(ckpts[s]), dtype=dtype), work, s, args.timeout)
+            r = run_child(dict(spec, ckpt=str(ckpts[s]), dtype=dtype), work, s, args.timeout)
             result["engines"][s] = dict(r, act_dtype=dtype, label=f"qvl {s}" + (f" ({kind})" if kind else ""))
         if args.transformers != "skip":
             tf = _transformers_reference(out, args.new_tokens, args.config) if args.transformers == "auto" else None
@@ -379,6 +420,14 @@ def main(argv=None) -> int:
             bpt = core.decoder_bytes_per_token(raw, "bfloat16")["bytes"]
             result["engines"]["transformers"] = dict(tf, act_dtype="bfloat16", kernels=["dense"],
                                                      label="transformers bf16", bytes_per_token=bpt)
+        steps = [s for s in schemes if s != "fp32"]  # fp32 would need 9 GB more in one process
+        if args.interleaved_steps and steps:
+            log.info("decode steps of %s interleaved in one process", ",".join(steps))
+            result["interleaved"] = run_child(
+                {"models": {s: [str(ckpts[s]), SCHEMES[s][1]] for s in steps}, "steps": args.interleaved_steps,
+                 "threads": threads}, work, "interleaved", args.timeout, ["-m", "qvl.bench.interleave"])
+            for s, r in (result["interleaved"].get("models") or {}).items():
+                r["bytes_per_token"] = result["engines"].get(s, {}).get("bytes_per_token")
         # again at the end: the best of the two, as other processes only ever make a copy slower
         bandwidth.append(core.run_child("bandwidth", spec, work, args.timeout))
     ok = [b for b in bandwidth if b.get("bandwidth_gb_s")]
@@ -388,6 +437,7 @@ def main(argv=None) -> int:
     result["prompt_tokens"] = "/".join(str(p) for p in sorted(prompts)) or "?"
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     summarize(result)
+    summarize_interleaved(result)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quant" if args.config == "qwen2vl-2b" else f"quant-{args.config}"
     md = render_markdown(result)

@@ -8,7 +8,7 @@ Models: ``tiny``, the embedded default model (``qvl demo``'s random tiny checkpo
 (config.json + ``visual.*`` tensors) under ``$QVL_BENCH_CACHE`` (default ``~/.cache/qvl/bench``),
 with its ONNX exports (fp32, fp16) next to it; all are built once and reused.
 
-Cases: one 448x448 image, one 1280x720 image, two 448x448 images in one encode; pixels come
+Cases: one 448x448 image, two 448x448 images in one encode, one 1280x720 image; pixels come
 through the checkpoint's image processor (smart_resize: 1280x720 becomes 1288x728). Per case and
 backend: one warm-up call, then ``reps`` rounds of one timed call per backend (round-robin, so
 other jobs' load hits all backends alike); min and median are reported. Both backends
@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import pathlib
+import resource
 import statistics
 import time
 
@@ -40,7 +41,9 @@ from qvl.bench.core import QWEN2_VL_2B_VISION, _cpu_model, cache_root, qwen2vl_2
 
 log = logging.getLogger("qvl.bench.vision")
 
-CASES = {"448x448": [(448, 448)], "1280x720": [(1280, 720)], "2 x 448x448": [(448, 448), (448, 448)]}
+# largest last: the fp16 session is released before it, which keeps the 2B run under ~10 GB
+CASES = {"448x448": [(448, 448)], "2 x 448x448": [(448, 448), (448, 448)], "1280x720": [(1280, 720)]}
+FP16_CASES = ("448x448", "2 x 448x448")
 BUILD_MARKER = "qvl_bench_build.json"
 
 
@@ -139,7 +142,7 @@ def matmul_peak_gflops(n: int = 2048) -> float:
 
 def bench_model(name: str, src: pathlib.Path, arts: dict, reps: int, threads: int) -> list[dict]:
     from qvl.export.onnx import load_vision_tower
-    from qvl.runtime.onnx_vision import OnnxVision
+    from qvl.runtime.onnx_vision import OnnxVision, graph_inputs
     from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
 
     proc = ImageProcessor(ImageProcessorConfig.from_dir(src))
@@ -150,15 +153,14 @@ def bench_model(name: str, src: pathlib.Path, arts: dict, reps: int, threads: in
     for case, sizes in CASES.items():
         pv, grid = proc([_image(w, h, i) for i, (w, h) in enumerate(sizes)])
         flops = tower_flops(tower.cfg, grid.tolist())
+        if case not in FP16_CASES:
+            sessions.pop("float16", None)  # a third copy of the weights next to 720p's [16, N, N] scores
         fns = {"torch fp32": lambda: tower.encode(pv, grid)}
         for dtype, sess in sessions.items():
-            if dtype == "float16" and case == "1280x720":
-                continue  # the other cases show fp16's speed; this one would hold a third copy of the weights
             label = f"onnxruntime {'fp32' if dtype == 'float32' else 'fp16'}"
             fns[label] = lambda sess=sess: sess.encode(pv, grid)
             if len(sizes) > 1 and dtype == "float32":
-                one = OnnxVision(arts[dtype] / "vision.onnx", merge, threads=threads, pack_patches=1 << 30)
-                fns[label + ", one call"] = lambda one=one: one.encode(pv, grid)
+                fns[label + ", one call"] = lambda sess=sess: sess.run(graph_inputs(pv, grid, merge)[0])
         with torch.inference_mode():
             runs = _time(fns, reps)
         for backend, r in runs.items():
@@ -208,6 +210,10 @@ def write_markdown(result: dict, path: pathlib.Path) -> None:
         lines.append(f"| {r['model']} | {r['case']} | {r['patches']} | {r['backend']} | {r['min_s'] * 1e3:.1f} "
                      f"| {r['median_s'] * 1e3:.1f} | {r['gflops']:.1f} | {r['gflop_per_s']:.0f} | "
                      f"{100 * r['gflop_per_s'] / m['matmul_peak_gflops']:.0f}% | {speed:.2f}x |")
+    peaks = m.get("peak_rss_gb_after", {})
+    if peaks:
+        lines += ["", "Peak RSS of the process after each model (torch tower + ONNX sessions + the largest "
+                  "case's activations): " + ", ".join(f"{k} {v:.1f} GB" for k, v in peaks.items()) + "."]
     lines += ["", "## Exports", "", "| model | dtype | parameters | files | MB | max abs err | max rel err | "
               "tolerance | export s |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for model, per in result["exports"].items():
@@ -255,6 +261,9 @@ def main(argv=None) -> int:
             ensure_export(src, path, dtype)
         result["exports"][name] = _export_info(arts)
         result["rows"] += bench_model(name, src, arts, args.reps, args.threads)
+        # process-wide high-water mark so far (both backends' weights + the largest case's activations)
+        result["machine"].setdefault("peak_rss_gb_after", {})[name] = \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     m = result["machine"]
     m["loadavg_end"], m["matmul_gflops_end"] = os.getloadavg(), matmul_peak_gflops()
     m["matmul_peak_gflops"] = max(m["matmul_gflops_start"], m["matmul_gflops_end"])

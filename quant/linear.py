@@ -175,10 +175,11 @@ class Int8Linear(QuantLinear):
         sz_hi = kernels.scales_zeros(s16, (8 - z_hi) * s16, self.group_size, dtype)  # [K/kg, N, 2]
         sz_lo = kernels.scales_zeros(scales, (8 - z_lo) * scales, self.group_size, dtype)
         sz = torch.stack([sz_hi, sz_lo], dim=1).reshape(2 * k // kg, n, 2)  # groups: hi0, lo0, hi1, ...
-        q = q.to(torch.int16)
-        halves = torch.stack([q >> 4, q & 0xF], dim=2)  # [N, K, 2]
-        halves = halves.reshape(n, k // kg, kg, 2).transpose(2, 3).reshape(n, 2 * k)  # [hi_g | lo_g] per group
-        return kernels.pack(halves.to(torch.uint8)), sz.contiguous()
+        q = q.to(torch.uint8).view(n, k // kg, kg)
+        halves = torch.empty(n, k // kg, 2, kg, dtype=torch.uint8, device=q.device)  # [hi_g | lo_g] per group
+        torch.bitwise_right_shift(q, 4, out=halves[:, :, 0])
+        torch.bitwise_and(q, 0xF, out=halves[:, :, 1])
+        return kernels.pack(halves.view(n, 2 * k)), sz.contiguous()
 
     def _kernel_input(self, x):
         m, kg = x.shape[0], self.kgroup

@@ -9,6 +9,7 @@ one layer at a time, so no full-precision decoder weight is ever allocated.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from collections import Counter
@@ -52,6 +53,17 @@ def decode(qcfg: QuantConfig, t: dict[str, torch.Tensor], in_f: int) -> Quantize
     if g_idx is None and in_f % group:  # a short last group: spell out who belongs where
         g_idx = torch.arange(in_f, device=q.device) // group
     return QuantizedWeight(q.t().contiguous(), zeros, t["scales"], qcfg.bits, group, g_idx)
+
+
+def _return_freed_memory() -> None:
+    """Hand the repacking's freed temporaries back to the OS. glibc keeps blocks up to 32 MB in
+    its heap, where the long-lived packed weights between them pin the holes: without this the
+    RSS after loading an 8-bit 2B model is twice its weights. No-op off glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols, glibc's among them
+    except (OSError, TypeError, AttributeError):
+        return
+    trim(0)
 
 
 class QuantizedLinears:
@@ -111,6 +123,8 @@ class QuantizedLinears:
             del tensors, w
             for name in self.found[mod].values():
                 ckpt.release(name)
+            if mod.endswith(TARGETS[-1]):  # once per decoder layer keeps the loading peak low too
+                _return_freed_memory()
             kernels[module.kernel] += 1
             if module.fallback_reason:
                 reasons[module.fallback_reason] += 1

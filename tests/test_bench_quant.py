@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from qvl.bench import core, quant
+from qvl.bench import core, interleave, quant
 from qvl.runtime.loader import load_model
 from qvl.runtime.weights import Checkpoint
 
@@ -40,7 +40,12 @@ def test_bench_quant_pieces(tiny_ckpt, tmp_path):
               "machine": core.machine_info() | {"loadavg_end": [0.0]}, "prompt_tokens": res["prompt_tokens"],
               "bandwidth": {"bandwidth_gb_s": 10.0, "method": "test"},
               "engines": {"int4": dict(res, act_dtype="bfloat16"), "bf16": {"error": "skipped"}}}
+    models = {"bf16": [str(src), "bfloat16"], "int4": [str(dirs["gptq-int4"]), "bfloat16"]}
+    result["interleaved"] = {"models": interleave.measure(models, steps=5)}
+    result["interleaved"]["models"]["int4"]["bytes_per_token"] = res["bytes_per_token"]
     quant.summarize(result)
+    quant.summarize_interleaved(result)
     md = quant.render_markdown(result)
     assert "| int4 | bfloat16 | int4pack |" in md and "| bf16 | ERROR: skipped" in md
     assert result["engines"]["int4"]["fraction_of_roofline"] > 0
+    assert "| bf16 | " in md.split("interleaved")[1] and result["interleaved"]["models"]["int4"]["vs_bf16"] > 0
