@@ -65,6 +65,31 @@ def encode_video(tower, video: VideoPatches, device, max_patches: int = VIDEO_CH
     return torch.cat(out)
 
 
+def _splice(embeds, ids, token_id: int, vis: torch.Tensor, kind: str) -> None:
+    slots = (ids == token_id).to(embeds.device)
+    if int(slots.sum()) != vis.shape[0]:
+        raise ValueError(f"{int(slots.sum())} {kind} placeholder tokens for {vis.shape[0]} vision embeddings")
+    embeds[slots] = vis.to(embeds.dtype)
+
+
+def embed_prompt(model: Qwen2VL, tower, ids: torch.Tensor, requests: list[Request], image_token_id: int,
+                 video_token_id: int, device="cpu") -> tuple[torch.Tensor, float]:
+    """Token embeddings [B, T, D] of the padded prompt ``ids`` with every image and video pad
+    token replaced by its vision embedding; also the seconds spent in the vision tower."""
+    embeds = model.embed_tokens(ids.to(device))
+    t0 = time.perf_counter()
+    grids = [g for r in requests for g in r.grids]
+    if grids:
+        pv = torch.cat([r.pixel_values for r in requests if r.pixel_values is not None]).to(device)
+        _splice(embeds, ids, image_token_id, tower.encode(pv, torch.tensor(grids)), "image")
+    videos = [v for r in requests for v in r.videos]
+    if videos:
+        _splice(embeds, ids, video_token_id, torch.cat([encode_video(tower, v, device) for v in videos]), "video")
+    if grids or videos:
+        _sync(device)
+    return embeds, time.perf_counter() - t0 if (grids or videos) else 0.0
+
+
 def generate_ids(model: Qwen2VL, requests: list[Request], sampler: Sampler, max_new_tokens: int,
                  stop_ids: set[int], pad_id: int, image_token_id: int, video_token_id: int,
                  stats: Stats, device="cpu", ignore_eos: bool = False, vision=None) -> Iterator[torch.Tensor]:
@@ -96,28 +121,7 @@ def generate_ids(model: Qwen2VL, requests: list[Request], sampler: Sampler, max_
     stats.prompt_tokens = int(valid.sum())
     t0 = time.perf_counter()
     with torch.inference_mode():
-        embeds = model.embed_tokens(ids.to(device))
-        grids = [g for r in requests for g in r.grids]
-        if grids:
-            pv = torch.cat([r.pixel_values for r in requests if r.pixel_values is not None]).to(device)
-            tv = time.perf_counter()
-            vis = tower.encode(pv, torch.tensor(grids))
-            _sync(device)
-            stats.vision_s = time.perf_counter() - tv
-            slots = (ids == image_token_id).to(device)
-            if int(slots.sum()) != vis.shape[0]:
-                raise ValueError(f"{int(slots.sum())} image placeholder tokens for {vis.shape[0]} vision embeddings")
-            embeds[slots] = vis.to(embeds.dtype)
-        videos = [v for r in requests for v in r.videos]
-        if videos:
-            tv = time.perf_counter()
-            vis = torch.cat([encode_video(tower, v, device) for v in videos])
-            _sync(device)
-            stats.vision_s += time.perf_counter() - tv
-            slots = (ids == video_token_id).to(device)
-            if int(slots.sum()) != vis.shape[0]:
-                raise ValueError(f"{int(slots.sum())} video placeholder tokens for {vis.shape[0]} vision embeddings")
-            embeds[slots] = vis.to(embeds.dtype)
+        embeds, stats.vision_s = embed_prompt(model, tower, ids, requests, image_token_id, video_token_id, device)
         grids = [g for r in requests for g in r.vision_grids]  # prompt order, images and videos
         positions, delta = rope_index(ids, grids, (image_token_id, video_token_id),
                                       cfg.vision.spatial_merge_size, valid.long())
