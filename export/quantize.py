@@ -51,8 +51,10 @@ class ExportError(ValueError):
 def quantization_config(spec: QuantSpec) -> dict:
     """config.json's ``quantization_config``, shaped like Qwen's official AWQ / GPTQ releases."""
     if spec.fmt == "awq":
+        # "visual" is the official value (AutoAWQ matches substrings); transformers 5 matches from
+        # the start of its own module names, where the tower is "model.visual"
         return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": spec.group_size,
-                "zero_point": True, "modules_to_not_convert": ["visual"]}
+                "zero_point": True, "modules_to_not_convert": ["visual", "model.visual"]}
     return {"bits": spec.bits, "group_size": spec.group_size, "damp_percent": spec.damp_percent,
             "desc_act": spec.desc_act, "sym": spec.sym, "true_sequential": spec.true_sequential,
             "static_groups": False, "quant_method": "gptq", "checkpoint_format": "gptq"}

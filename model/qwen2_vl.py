@@ -22,7 +22,9 @@ class Qwen2VL(nn.Module):
         t = cfg.text
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision)
-        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        # weights always come from a checkpoint: _weight skips the random init, whose normal_ on
+        # the meta device imports torch._dynamo (~0.7 s of every load)
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size, _weight=torch.empty(t.vocab_size, t.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)

@@ -92,10 +92,12 @@ class MRope(nn.Module):
     def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...]):
         super().__init__()
         self.mrope_section = list(mrope_section)
-        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # computed on the CPU even inside a meta-device build: tiny, and math on meta tensors
+        # imports torch._dynamo (~0.7 s of every model load)
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
         # axis (0, 1, 2) feeding each frequency
-        axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(self.mrope_section)])
+        axis = torch.cat([torch.full((n,), i % 3, device="cpu") for i, n in enumerate(self.mrope_section)])
         self.register_buffer("axis", axis, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

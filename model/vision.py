@@ -41,7 +41,8 @@ class VisionRotary(nn.Module):
         super().__init__()
         half = head_dim // 2  # rows rotate one half of the head, columns the other
         self.register_buffer(
-            "inv_freq", 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half), persistent=False
+            "inv_freq", 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float32, device="cpu") / half),
+            persistent=False,  # on the CPU even in a meta-device build (see MRope)
         )
 
     def forward(self, pos_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

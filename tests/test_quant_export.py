@@ -54,7 +54,7 @@ def test_config_and_files(exports, tiny_ckpt):
         assert not list(out.parent.glob(f".{out.name}*")), "work directory left behind"
     awq_cfg = json.loads((exports["awq"] / "config.json").read_text())["quantization_config"]
     assert awq_cfg == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True,
-                       "modules_to_not_convert": ["visual"]}
+                       "modules_to_not_convert": ["visual", "model.visual"]}
 
 
 def test_tensors_read_by_independent_reader(exports, tiny_ckpt):
