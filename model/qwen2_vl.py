@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qvl.model.config import Qwen2VLConfig
-from qvl.model.decoder import DecoderLayer, RMSNorm
+from qvl.model.decoder import DecoderLayer, Linear, RMSNorm
 from qvl.model.kv_cache import KVCache
 from qvl.model.rope import MRope
 from qvl.model.vision import VisionRotary, VisionTower
@@ -27,7 +27,7 @@ class Qwen2VL(nn.Module):
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size, _weight=torch.empty(t.vocab_size, t.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
-        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.lm_head = Linear(t.hidden_size, t.vocab_size, bias=False)
         self.rope = MRope(t.head_dim, t.rope_theta, t.mrope_section)
         self.max_batch = self.max_seq = 0
 
