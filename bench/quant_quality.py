@@ -46,7 +46,7 @@ def export_all(model: pathlib.Path, work: pathlib.Path, group: int, calib_sample
         m = read_manifest(d)["quantization"]
         out[name] = {"path": str(d), "export_s": m["export_s"], "quantize_s": m["quantize_s"],
                      "quality": m["quality"],
-                     "layer_output_rel_mse": [round(x["output_rel_mse"], 6) for x in m["layers"]]}
+                     "layer_output_rel_mse": [x["output_rel_mse"] for x in m["layers"]]}
     return out
 
 
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--in-process", action="store_true", help="no subprocess per model (faster; RSS accumulates)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from qvl.bench.core import cache_root
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     exports = export_all(model, work, args.group_size, args.calib_samples)
     out = pathlib.Path(args.out)
     ev = evaluate([str(model)] + [e["path"] for e in exports.values()], args.data, args.limit,
-                  out / "quant-quality-eval")
+                  out / "quant-quality-eval", in_process=args.in_process)
     for m, name in zip(ev["models"], ["float"] + list(exports)):
         m["name"] = name
     result = {"model": model.name, "group_size": args.group_size, "calib_samples": args.calib_samples,

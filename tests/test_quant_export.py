@@ -195,3 +195,19 @@ def test_calibration_sets(tiny_ckpt, tmp_path):
     assert all(bool((x.positions[0] != x.positions[1]).any()) for x in inputs[:3])
     with pytest.raises(FileNotFoundError):
         load_samples(str(tmp_path / "missing"), 4)
+
+
+def test_quantized_decoder_with_onnx_vision(tiny_ckpt, tmp_path):
+    """The edge setup: GPTQ decoder + ONNX vision tower in one artifact, `--onnx-vision`."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "edge"
+    assert cli_main(["export", "gptq", str(tiny_ckpt), str(out), "--group-size", "32", "--calib-samples", "4",
+                     "--quality-samples", "0", "--onnx-vision"]) == 0
+    assert (out / "vision.onnx").exists() and "vision_onnx" in read_manifest(out)
+    assert "quantization" in read_manifest(out)  # the ONNX export kept the quantization section
+    img = Image.new("RGB", (112, 84), (30, 200, 30))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Colour?"}]}]
+    ref = qvl.load(out, max_seq_len=256).generate_ids(msgs, max_new_tokens=8, ignore_eos=True)
+    eng = qvl.load(out, max_seq_len=256, vision_backend="onnx")
+    assert eng.vision is not None and not any(p.device.type != "meta" for p in eng.model.visual.parameters())
+    assert eng.generate_ids(msgs, max_new_tokens=8, ignore_eos=True) == ref
