@@ -162,11 +162,9 @@ def _messages(rec: dict, base: Path) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def load_records(path, limit: int | None = None) -> list[dict]:
-    """Read a JSONL set into records with ``id, task, metric, answers, options, messages``."""
-    path = Path(path)
-    base = path.parent
-    records = []
+def jsonl_records(path: Path):
+    """(line number, object) for every non-blank line of a JSONL task file; each object has
+    ``messages`` or ``question`` (the two forms ``_messages`` turns into a conversation)."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -174,11 +172,20 @@ def load_records(path, limit: int | None = None) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+        if "messages" not in rec and "question" not in rec:
+            raise ValueError(f"{path}:{n}: needs 'messages' or 'question'")
+        yield n, rec
+
+
+def load_records(path, limit: int | None = None) -> list[dict]:
+    """Read a JSONL set into records with ``id, task, metric, answers, options, messages``."""
+    path = Path(path)
+    base = path.parent
+    records = []
+    for n, rec in jsonl_records(path):
         answers = rec.get("answers", [rec["answer"]] if "answer" in rec else None)
         if not answers:
             raise ValueError(f"{path}:{n}: needs 'answers' (a list) or 'answer'")
-        if "messages" not in rec and "question" not in rec:
-            raise ValueError(f"{path}:{n}: needs 'messages' or 'question'")
         metric = rec.get("metric", "exact")
         if metric not in METRICS:
             raise ValueError(f"{path}:{n}: unknown metric {metric!r}; expected one of {METRICS}")

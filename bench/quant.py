@@ -50,31 +50,14 @@ GB = core.GB
 # quantized checkpoints (RTN, official layouts)
 
 
-def _rtn(w, group: int, bits: int, sym: bool):
-    """w [N, K] -> q [K, N] int, zeros [K/G, N] int, scales fp16 [K/G, N] (W = (q - z) * s)."""
-    import torch
-
-    n, k = w.shape
-    maxq = 2**bits - 1
-    wg = w.float().reshape(n, k // group, group)
-    if sym:  # GPTQ: zero in the middle, scale from the largest magnitude
-        scales = (wg.abs().amax(-1) * 2 / maxq).clamp(min=1e-8).half()
-        zeros = torch.full_like(scales, (maxq + 1) // 2, dtype=torch.int64)
-    else:  # AWQ: min/max range, integer zero point
-        lo, hi = wg.amin(-1), wg.amax(-1)
-        scales = ((hi - lo).clamp(min=1e-5) / maxq).half()
-        zeros = (-lo / scales.float()).round().clamp(0, maxq).long()
-    q = ((wg / scales.float()[..., None]).round() + zeros[..., None]).clamp(0, maxq).long()
-    return q.reshape(n, k).t().contiguous(), zeros.t().contiguous(), scales.t().contiguous()
-
-
 def quant_config(kind: str, group: int) -> dict:
+    """The exporter's quantization_config for ``kind`` (Qwen's release recipe, RTN here)."""
+    from qvl.export.quantize import quantization_config
+    from qvl.quant.layerwise import QuantSpec
+
     if kind == "awq":
-        return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
-                "modules_to_not_convert": ["visual"]}
-    bits = {"gptq-int4": 4, "gptq-int8": 8}[kind]
-    return {"bits": bits, "group_size": group, "damp_percent": 0.1, "desc_act": False, "sym": True,
-            "true_sequential": True, "quant_method": "gptq", "checkpoint_format": "gptq"}
+        return quantization_config(QuantSpec("rtn", "awq", 4, group, sym=False))
+    return quantization_config(QuantSpec("rtn", "gptq", {"gptq-int4": 4, "gptq-int8": 8}[kind], group, sym=True))
 
 
 def _write_quantized(src: pathlib.Path, out: pathlib.Path, kind: str, group: int) -> None:
@@ -84,6 +67,7 @@ def _write_quantized(src: pathlib.Path, out: pathlib.Path, kind: str, group: int
     from safetensors.torch import save_file
 
     from qvl.quant.packing import pack_awq, pack_gptq
+    from qvl.quant.rtn import Grid, rtn
     from qvl.runtime.weights import Checkpoint
 
     linear = re.compile(r"^model\.(language_model\.)?layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
@@ -97,7 +81,9 @@ def _write_quantized(src: pathlib.Path, out: pathlib.Path, kind: str, group: int
                 tensors[name] = t
                 continue
             prefix = name[: -len(".weight")]
-            q, zeros, scales = _rtn(t, group, qcfg["bits"], sym=kind != "awq")
+            sym = kind != "awq"  # GPTQ releases: symmetric; AWQ: [min, max] with a zero point
+            qw = rtn(t, Grid(qcfg["bits"], group, sym, include_zero=sym))
+            q, zeros, scales = qw.q.t().contiguous(), qw.zeros, qw.scales
             if kind == "awq":
                 qweight, qzeros = pack_awq(q, zeros)
             else:

@@ -135,9 +135,11 @@ class WorkDir:
     def calibration(self) -> dict:
         return json.loads(self.state_file.read_text()).get("calibration", {})
 
-    def layer(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
-        return (load_file(str(self.path / f"layer-{i:04d}.safetensors")),
-                json.loads((self.path / f"layer-{i:04d}.json").read_text()))
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / f"layer-{i:04d}.safetensors"))
+
+    def layer_report(self, i: int) -> dict:
+        return json.loads((self.path / f"layer-{i:04d}.json").read_text())
 
 
 # --- the layer loop -------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def quantize_layers(lw: LayerwiseModel, spec: QuantSpec, work: WorkDir, samples:
         eta = (time.perf_counter() - t_layers) / done * (n_layers - i - 1)
         log.info("layer %d/%d quantized in %.1fs: output rel. MSE %.2e (ETA %.0fs)", i + 1, n_layers,
                  report["seconds"], report["output_rel_mse"], eta)
-    return [work.layer(i)[1] for i in range(n_layers)]
+    return [work.layer_report(i) for i in range(n_layers)]
 
 
 # --- assembling the artifact ----------------------------------------------------------------
@@ -226,9 +228,9 @@ def _write_weights(stage: Path, tensors_by_part: list[dict[str, torch.Tensor]]) 
 def _config(src: Path, spec: QuantSpec) -> dict:
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = quantization_config(spec)
-    for key in ("torch_dtype", "dtype"):  # the formats' float tensors are fp16
-        if key in cfg or key == "torch_dtype":
-            cfg[key] = "float16"
+    cfg["torch_dtype"] = "float16"  # the formats' float tensors are fp16
+    if "dtype" in cfg:
+        cfg["dtype"] = "float16"
     if isinstance(cfg.get("text_config"), dict) and "dtype" in cfg["text_config"]:
         cfg["text_config"]["dtype"] = "float16"
     return cfg
@@ -241,7 +243,7 @@ def assemble(lw: LayerwiseModel, spec: QuantSpec, work: WorkDir, stage: Path) ->
     for ours, name in lw.file_names.items():
         if name not in layer_names:
             rest[name] = _fp16(lw.ckpt.get(name), name)
-    parts = [rest] + [work.layer(i)[0] for i in range(n_layers)]
+    parts = [rest] + [work.layer_tensors(i) for i in range(n_layers)]
     files = _write_weights(stage, parts)
     (stage / "config.json").write_text(json.dumps(_config(lw.path, spec), indent=2) + "\n")
     for f in sorted(lw.path.iterdir()):

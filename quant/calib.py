@@ -62,18 +62,10 @@ def _from_dir(d: Path) -> list[list[dict]]:
 
 
 def _from_jsonl(f: Path) -> list[list[dict]]:
-    from qvl.bench.eval import _messages  # the eval harness's record format, one reader for both
+    from qvl.bench.eval import _messages, jsonl_records  # the eval harness's format, one reader for both
 
     out = []
-    for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}:{n}: not JSON: {e}") from None
-        if "messages" not in rec and "question" not in rec:
-            raise ValueError(f"{f}:{n}: needs 'messages' or 'question'")
+    for _, rec in jsonl_records(f):
         answers = rec.get("answers") or ([rec["answer"]] if "answer" in rec else [None])
         out.append(_with_answer(_messages(rec, f.parent), answers[0]))
     return out
