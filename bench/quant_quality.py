@@ -1,6 +1,6 @@
 """What quantization costs in accuracy: every export scheme of one float model, through ``qvl eval``.
 
-    python -m qvl.bench.quant_quality [--model scripts/qvl-toy] [--group-size 64] [--limit N]
+    python -m qvl.bench.quant_quality [--model scripts/qvl-toy] [--group-size 128] [--limit N]
 
 Exports the model with GPTQ Int8, GPTQ Int4, AWQ 4-bit and the round-to-nearest baselines of
 both 4-bit formats (same group size, same calibration), then runs ``qvl eval`` on the float
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "scripts" / "qvl-toy"))
     ap.add_argument("--data", default=str(ROOT / "bench" / "data" / "synth-eval" / "data.jsonl"))
-    ap.add_argument("--group-size", type=int, default=64, help="qvl-toy's 192-wide layers take 32 or 64, not 128")
+    ap.add_argument("--group-size", type=int, default=128, help="the ecosystem's default; qvl-toy's layers take it")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))

@@ -131,3 +131,49 @@ def _video_processor(path):
     from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
 
     return VideoProcessor(VideoProcessorConfig.from_dir(path))
+
+
+def test_scenes_sit_on_the_token_grid_and_the_processor_keeps_their_size(toy_dir):
+    from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
+
+    proc = ImageProcessor(ImageProcessorConfig.from_dir(toy_dir))
+    for s in synth.generate(8, seed=0, tasks=synth.IMAGE_TASKS):
+        for im, fact in zip(s.images, s.facts):
+            w, h = im.size
+            assert w % synth.CELL == 0 and h % synth.CELL == 0
+            assert proc.target_size(h, w) == (h, w)
+            for _, _, cx, cy, r in fact.get("objects", []):  # each object wholly inside one cell
+                assert int((cx - r) // synth.CELL) == int((cx + r) // synth.CELL)
+                assert int((cy - r) // synth.CELL) == int((cy + r) // synth.CELL)
+
+
+def test_dense_targets_mark_the_cell_of_each_object():
+    from qvl.scripts.train_toy import token_targets
+
+    for s in synth.generate(6, seed=2, tasks=("count", "colour", "position")):
+        (fact,) = s.facts
+        w, h = fact["size"]
+        cols, rows = w // synth.CELL, h // synth.CELL
+        dense = token_targets(fact, (1, 2 * rows, 2 * cols)).view(rows, cols, 2)
+        expected = torch.zeros(rows, cols, 2, dtype=torch.long)
+        for shape, colour, cx, cy, _ in fact["objects"]:
+            expected[int(cy // synth.CELL), int(cx // synth.CELL)] = torch.tensor(
+                [1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour)])
+        assert torch.equal(dense, expected), s.id
+
+
+def test_aux_targets_follow_what_was_drawn():
+    from qvl.scripts.train_toy import AUX_NAMES, WORD_CLASSES, aux_targets
+
+    fact = {"size": (112, 112), "objects": [("circle", "red", 14, 14, 10), ("circle", "blue", 98, 98, 10),
+                                            ("star", "green", 98, 14, 10)]}
+    t = dict(zip(AUX_NAMES, aux_targets(fact)))
+    assert t["count:circle"] == 2 and t["count:star"] == 1 and t["count:square"] == 0
+    assert t["colour:circle"] == -100  # two circles: no single colour
+    assert t["colour:star"] == 1 + list(synth.COLOURS).index("green")
+    assert t["corner:star"] == 2 + synth.CORNERS.index("top right")
+    assert t["shape"] == -100 and t["text"] == -100
+    t = dict(zip(AUX_NAMES, aux_targets({"text": "7"})))
+    assert (t["text"], t["tens"], t["units"]) == (0, 0, 7)
+    t = dict(zip(AUX_NAMES, aux_targets({"text": "cat"})))
+    assert t["text"] == WORD_CLASSES.index("cat") and t["units"] == -100

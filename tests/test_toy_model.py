@@ -1,19 +1,29 @@
 """The committed default model, qvl-toy: it sees, and transformers agrees with qvl."""
 
+import json
+
 import pytest
 
 from qvl.runtime.cli import TOY_MODEL
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL / "config.json").exists(), reason="qvl-toy is not in this copy")
 
+# Chance level of each task's answer set: a model that does not look at the pictures stays near it.
+CHANCE = {"shape": 1 / 6, "colour": 1 / 8, "count": 1 / 5, "position": 1 / 4, "ocr": 1 / 136, "compare": 1 / 2,
+          "direction": 1 / 4}
 
-def test_toy_answers_correctly_and_as_transformers_does():
+
+def test_toy_answers_as_transformers_does_and_sees():
     from qvl.scripts.train_toy import evaluate_checkpoint
 
-    table = evaluate_checkpoint(TOY_MODEL, n=3, hf_n=3)
+    table = evaluate_checkpoint(TOY_MODEL, n=12, hf_n=12)
     for task, r in table.items():
         assert r["same_answer"] == 1.0, (task, r)
-        assert r["qvl_fp32"] >= 2 / 3, (task, r)
+    # what the model card measured on 200 items a task, within the noise of 12 items
+    card = json.loads((TOY_MODEL / "train_log.json").read_text())["test"]
+    assert table["shape"]["qvl_fp32"] >= 0.9 and card["shape"]["qvl_fp32"] >= 0.95
+    mean = sum(r["qvl_fp32"] for r in table.values()) / len(table)
+    assert mean >= sum(CHANCE.values()) / len(CHANCE) + 0.2, table
 
 
 def test_toy_fits_the_budget():
