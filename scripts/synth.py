@@ -188,10 +188,11 @@ def _corner_of(w, h, cx, cy, r) -> str | None:
     return f"{row} {col}" if row and col else None
 
 
-def _extras(rng, size, objects, skip: tuple, k: int = 3) -> list[tuple[str, str]]:
+def _extras(rng, size, objects, skip: tuple, k: int = 8) -> list[tuple[str, str]]:
     """Up to ``k`` more questions the scene answers unambiguously, for multi-turn training.
 
-    One picture then teaches several answers for the price of one pass through the vision tower.
+    One picture then teaches several answers for the price of one pass through the vision tower;
+    the decoder's lookups (which object is "the circle") are what the toy learns slowest.
     ``skip`` is the first question's (task, shape): a paraphrase of it would only teach copying.
     """
     w, h = size
