@@ -37,8 +37,7 @@ WORDS = ("cat", "dog", "sun", "box", "key", "map", "cup", "hat", "pen", "egg", "
          "tree", "fish", "bird", "moon", "book", "door", "lamp", "milk", "rain", "ship", "frog", "cake",
          "apple", "house", "robot", "water", "train", "chair", "plant", "music", "snow", "wind")
 MAX_COUNT = 5
-# Two digits at most, to keep reading within what a 2.5M-parameter model should learn to 95% exact
-# in the 45-minute CPU budget (an estimate: 3-digit reads were not tried at full length).
+# Two digits at most: qvl-toy reads these at 95% after its 38-minute run (3-digit reads were not tried).
 MAX_NUMBER = 99
 
 QUESTIONS = {
