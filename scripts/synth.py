@@ -221,7 +221,7 @@ def _ask(rng, task: str, shape: str | None = None) -> str:
 
 
 def _scene_facts(img, objects) -> dict:
-    return {"size": img.size, "objects": [tuple(o) for o in objects]}
+    return {"size": img.size, "objects": list(objects)}
 
 
 def _with_extras(rng, img, objects, task, shape, answer):
@@ -364,7 +364,7 @@ def demo_pictures() -> list[tuple[Image.Image, list[tuple[str, str]]]]:
         draw_shape(d, shape, (i + 0.5) * CELL, (j + 0.5) * CELL, 11, COLOURS[colour])
     text = Image.new("RGB", (6 * CELL, 3 * CELL), (240, 244, 250))
     font = ImageFont.load_default(size=20)
-    x0, y0, x1, y1 = font.getbbox("robot")
+    x0, y0, _, y1 = font.getbbox("robot")
     ImageDraw.Draw(text).text((CELL + 2 - x0, 1.5 * CELL - (y0 + y1) / 2), "robot", font=font, fill=(30, 40, 150))
     single = Image.new("RGB", (4 * CELL, 3 * CELL), (240, 246, 240))
     draw_shape(ImageDraw.Draw(single), "star", 2.5 * CELL, 1.5 * CELL, 11, COLOURS["purple"])

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
 from qvl.runtime.prompt import build_request
@@ -75,6 +74,7 @@ class Example:
     video_values: torch.Tensor | None
     video_grids: list
     facts: list = None
+    aux: list | None = None  # example_aux's cache
 
 
 class Encoder:
@@ -227,40 +227,24 @@ def aux_targets(fact: dict) -> list[int]:
     return [t[n] for n in AUX_NAMES]
 
 
-DENSE_SUB = 8  # label samples per token side
-
-
 def token_targets(fact: dict, grid: tuple[int, int, int], merge: int = 2) -> torch.Tensor | None:
-    """[tokens, 2] (shape, colour) class of what covers each merged token of a scene image.
+    """[tokens, 2] (shape, colour) class of the object in each merged token of a scene image.
 
-    Class 0 is background; a token takes an object's class when it holds the object's centre or
-    the object covers at least a fifth of it. Dense targets teach the tower shapes far faster than one label a picture does:
-    a ViT without a convolutional stem has to learn every part of a shape from data.
+    Class 0 is background. synth draws every object inside one cell of the token grid, so the
+    token holding an object's centre is the object's whole footprint. Dense targets teach the
+    tower shapes far faster than one label a picture does: a ViT without a convolutional stem has
+    to learn every part of a shape from data.
     """
     if "objects" not in fact:
         return None
     _, gh, gw = grid
     th, tw = gh // merge, gw // merge
-    label = Image.new("L", fact["size"], 0)
-    draw = ImageDraw.Draw(label)
-    for k, (shape, _, cx, cy, r) in enumerate(fact["objects"]):
-        synth.draw_shape(draw, shape, cx, cy, r, k + 1)
-    sub = np.asarray(label.resize((tw * DENSE_SUB, th * DENSE_SUB), Image.NEAREST))
-    blocks = sub.reshape(th, DENSE_SUB, tw, DENSE_SUB).transpose(0, 2, 1, 3).reshape(th * tw, -1)
-    n_obj = len(fact["objects"])
-    cover = np.stack([(blocks == k + 1).sum(1) for k in range(n_obj)], 1)  # [tokens, objects]
-    best = cover.argmax(1)
-    hit = cover.max(1) >= DENSE_SUB * DENSE_SUB // 5
-    shape_cls = np.array([1 + synth.SHAPES.index(o[0]) for o in fact["objects"]])
-    colour_cls = np.array([1 + list(synth.COLOURS).index(o[1]) for o in fact["objects"]])
-    out = np.zeros((th * tw, 2), np.int64)
-    out[hit, 0] = shape_cls[best[hit]]
-    out[hit, 1] = colour_cls[best[hit]]
-    cell_w, cell_h = fact["size"][0] / tw, fact["size"][1] / th
-    for k, (_, _, cx, cy, _) in enumerate(fact["objects"]):  # small stars and crosses cover < 1/5 of a cell
-        i, j = min(int(cx // cell_w), tw - 1), min(int(cy // cell_h), th - 1)
-        out[j * tw + i] = shape_cls[k], colour_cls[k]
-    return torch.from_numpy(out)
+    (w, h), colours = fact["size"], list(synth.COLOURS)
+    out = torch.zeros(th * tw, 2, dtype=torch.long)
+    for shape, colour, cx, cy, _ in fact["objects"]:
+        i, j = min(int(cx * tw // w), tw - 1), min(int(cy * th // h), th - 1)
+        out[j * tw + i] = torch.tensor([1 + synth.SHAPES.index(shape), 1 + colours.index(colour)])
+    return out
 
 
 class AuxHeads(torch.nn.Module):
@@ -273,25 +257,23 @@ class AuxHeads(torch.nn.Module):
         self.dense = torch.nn.Linear(dim, self.n_shape + len(synth.COLOURS) + 1)
 
     def forward(self, tokens: torch.Tensor, targets: list[int], dense: torch.Tensor | None
-                ) -> tuple[torch.Tensor, int, int]:
-        """Summed cross-entropy over the heads with a target (the dense map counts as one), their
-        count, and how many were right."""
+                ) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over the heads with a target (the dense map counts as one head),
+        and how many of them were right."""
         x = self.norm(tokens)
         pooled = torch.softmax(x @ self.query.T, dim=0).T @ x  # [heads, dim]
-        loss, n, hits = tokens.new_zeros(()), 0, 0
+        loss, hits = tokens.new_zeros(()), 0
         for i, (lin, tgt) in enumerate(zip(self.out, targets)):
             if tgt != -100:
                 logits = lin(pooled[i])
                 loss = loss + F.cross_entropy(logits[None], torch.tensor([tgt]))
-                n += 1
                 hits += int(logits.argmax()) == tgt
         if dense is not None:
             d = self.dense(x)
             loss = loss + F.cross_entropy(d[:, : self.n_shape], dense[:, 0]) + F.cross_entropy(d[:, self.n_shape:],
                                                                                                  dense[:, 1])
-            n += 1
             hits += bool((d[:, : self.n_shape].argmax(1) == dense[:, 0]).all())
-        return loss, n, hits
+        return loss, hits
 
 
 def visual_features(model, inputs: dict) -> list[torch.Tensor]:
@@ -312,10 +294,10 @@ def visual_features(model, inputs: dict) -> list[torch.Tensor]:
 
 def example_aux(e: Example) -> list[tuple[list[int], torch.Tensor | None]]:
     """(pooled targets, dense targets) of each of the example's images (or its clip), cached."""
-    if getattr(e, "_aux", None) is None:
+    if e.aux is None:
         grids = e.grids or e.video_grids
-        e._aux = [(aux_targets(f), token_targets(f, tuple(g))) for f, g in zip(e.facts or [], grids, strict=True)]
-    return e._aux
+        e.aux = [(aux_targets(f), token_targets(f, tuple(g))) for f, g in zip(e.facts or [], grids, strict=True)]
+    return e.aux
 
 
 class Stream:
@@ -490,7 +472,7 @@ def train(out: Path, st: Settings) -> dict:
                 rows = [row for e in part if e.pixel_values is not None for row in example_aux(e)]
                 rows += [row for e in part if e.video_values is not None for row in example_aux(e)]
                 for tokens, (row, dense) in zip(visual_features(model, inputs), rows, strict=True):
-                    l_aux, _, hit = heads(tokens, row, dense)
+                    l_aux, hit = heads(tokens, row, dense)
                     loss = loss + st.aux_weight * l_aux / n_aux
                     aux_hits += hit
             logits = model(**inputs).logits[:, :-1].float()
