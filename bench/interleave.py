@@ -5,8 +5,8 @@ right after step k of the others (in a rotating order), so their ratios are fair
 absolute speed is not. Each model prefills the same fixed 64-token text prompt (untimed), then
 decodes greedily one token per step; a step is embed + decoder + lm_head + argmax, batch 1.
 
-Run as ``python -m qvl.bench.interleave SPEC.json`` with SPEC {"models": {name: [path, dtype]},
-"steps": N, "threads": T, "result": OUT.json}.
+Run as ``python -m qvl.bench.interleave SPEC.json`` with SPEC {"models": {name: [path, dtype]
+or [path, dtype, quant_kernel]}, "steps": N, "threads": T, "result": OUT.json}.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ log = logging.getLogger("qvl.bench.interleave")
 PROMPT_LEN = 64
 
 
-def measure(models: dict[str, tuple[str, str]], steps: int) -> dict:
+def measure(models: dict[str, tuple], steps: int) -> dict:
     import torch
 
     from qvl.runtime.loader import load_model
@@ -31,9 +31,9 @@ def measure(models: dict[str, tuple[str, str]], steps: int) -> dict:
     loaded, tok, times = {}, {}, {}
     ids = (torch.arange(PROMPT_LEN) * 7919 % 400 + 3)[None]  # fixed tokens inside the tiny vocab too
     with torch.inference_mode():
-        for name, (path, dtype) in models.items():
+        for name, (path, dtype, *kernel) in models.items():
             log.info("loading %s (%s)", name, dtype)
-            m = load_model(path, dtype=dtype)
+            m = load_model(path, dtype=dtype, quant_kernel=kernel[0] if kernel else "auto")
             m.setup_caches(1, PROMPT_LEN + steps + 1, m.embed_tokens.weight.dtype)
             pos = torch.arange(PROMPT_LEN)
             hidden = m(m.embed_tokens(ids), pos.expand(3, 1, -1), pos, None, PROMPT_LEN)

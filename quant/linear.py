@@ -3,6 +3,10 @@
 Each is built once from a :class:`QuantizedWeight` and keeps only its packed form, in the
 layout of the fastest path for its device and activation dtype:
 
+* ``qvl``: qvl's own CPU kernel (:mod:`qvl.quant.cpu`, AVX-512): a GEMV over the packed codes
+  for up to ``GEMV_MAX_M`` rows of x, fp32 or bf16 activations, and for more rows (prefill) a
+  dequantization to the activation dtype feeding torch's dense GEMM. The CPU default where it
+  builds. Act-order checkpoints are permuted once, as for int4pack.
 * ``int4pack``: torch's int4 kernel (:mod:`qvl.quant.kernels`). Act-order checkpoints are
   permuted once so groups are contiguous; the forward gathers x's columns to match.
   8-bit weights run on the same kernel as two nibbles, q = 16*hi + lo, so that
@@ -23,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl.quant import kernels
+from qvl.quant import cpu, kernels
 from qvl.quant.weight import QuantizedWeight, dequantize as dequantize_weight
 
-KERNELS = ("auto", "int4pack", "dequant")
+KERNELS = ("auto", "qvl", "int4pack", "dequant")
 
 
 class QuantLinear(nn.Module):
@@ -47,8 +51,8 @@ class QuantLinear(nn.Module):
                     kernel: str = "auto") -> "QuantLinear":
         """Repack ``w`` (on the device it lives on) for activations of ``dtype``.
 
-        ``kernel``: "auto" (int4pack where it runs, else dequant), "int4pack" (error if it
-        cannot run) or "dequant".
+        ``kernel``: "auto" (the first of qvl, int4pack that runs here, else dequant), "qvl" or
+        "int4pack" (error if it cannot run) or "dequant".
         """
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -56,18 +60,49 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{cls.__name__} takes {cls.bits}-bit weights, got {w.bits}-bit")
         m = cls(w.in_features, w.out_features, w.group_size)
         m.act_dtype = dtype
-        reason = "asked for" if kernel == "dequant" else m._kernel_unsupported(w, dtype)
-        if reason is not None and kernel == "int4pack":
-            raise ValueError(f"int4pack kernel cannot run this layer: {reason}")
-        if reason is None:
-            m.kernel = "int4pack"
+        tried = {"auto": ("qvl", "int4pack"), "dequant": ()}.get(kernel, (kernel,))
+        reasons = []
+        for name in tried:
+            why = m._qvl_unsupported(w, dtype) if name == "qvl" else m._kernel_unsupported(w, dtype)
+            if why is None:
+                m.kernel = name
+                break
+            reasons.append(f"{name}: {why}")
+        if m.kernel == "qvl":
+            m._pack_qvl(w)
+        elif m.kernel == "int4pack":
             m._pack_kernel(w, dtype)
+        elif kernel != "auto" and kernel != "dequant":
+            raise ValueError(f"{kernel} kernel cannot run this layer: {reasons[0]}")
         else:
-            m.fallback_reason = reason
+            m.fallback_reason = "asked for" if kernel == "dequant" else "; ".join(reasons)
             m._pack_dequant(w)
-        if bias is not None:
-            m.register_buffer("bias", bias.to(dtype), persistent=False)
+        if bias is not None:  # the qvl kernel adds an fp32 bias inside its GEMV
+            m.register_buffer("bias", bias.to(torch.float32 if m.kernel == "qvl" else dtype), persistent=False)
         return m
+
+    # -- qvl's CPU kernel ------------------------------------------------------------------
+
+    def _qvl_unsupported(self, w: QuantizedWeight, dtype) -> str | None:
+        if w.q.device.type != "cpu":
+            return f"a CPU kernel, the weights are on {w.q.device.type}"
+        if dtype not in (torch.float32, torch.bfloat16):
+            return f"takes float32 or bfloat16 activations, not {dtype}"
+        _, ok = w.contiguous_groups()
+        if not ok:
+            return "g_idx does not split the columns into equal groups"
+        return cpu.unsupported_reason(self.bits, self.out_features, self.in_features, self.group_size, w.zeros,
+                                      w.scales)
+
+    def _pack_qvl(self, w: QuantizedWeight) -> None:
+        perm, _ = w.contiguous_groups()
+        q = w.q if perm is None else w.q[:, perm]
+        if perm is not None:
+            self.register_buffer("perm", perm, persistent=False)
+        zeros, scales = cpu.params(w.zeros, w.scales)
+        self.register_buffer("weight", cpu.pack(q, self.bits), persistent=False)
+        self.register_buffer("kscales", scales, persistent=False)
+        self.register_buffer("kzeros", zeros, persistent=False)
 
     # -- kernel path -----------------------------------------------------------------------
 
@@ -111,13 +146,33 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def quantized_weight(self) -> QuantizedWeight:
-        """The fallback's weight, decoded (the kernel layouts are opaque)."""
+        """The weight, decoded (dequant and qvl paths; torch's int4pack layout is opaque)."""
+        if self.kernel == "qvl":
+            q = cpu.unpack(self.weight, self.bits, self.in_features)
+            zeros, scales = cpu.unparams(self.kzeros, self.kscales)
+            g_idx = None
+            if self.perm is not None:  # back to the checkpoint's column order
+                q_perm, q = q, torch.empty_like(q)
+                q[:, self.perm] = q_perm
+                g_idx = torch.empty(self.in_features, dtype=torch.int32)
+                g_idx[self.perm] = (torch.arange(self.in_features) // self.group_size).to(torch.int32)
+            return QuantizedWeight(q, zeros, scales, self.bits, self.group_size, g_idx)
         if self.kernel != "dequant":
-            raise RuntimeError("the int4pack layout is opaque; only the dequant path keeps a readable weight")
+            raise RuntimeError("the int4pack layout is opaque; the dequant and qvl paths keep a readable weight")
         return QuantizedWeight(self._load_q(), self.zeros, self.scales, self.bits, self.group_size, self.g_idx)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The fallback's W [N, K]; per call, so it stays free of host syncs (CUDA graphs)."""
+        """W [N, K] of the dequant or qvl path; per call, so it stays free of host syncs (CUDA graphs)."""
+        if self.kernel == "qvl":
+            w = cpu.dequantize(self.weight, self.kscales, self.kzeros, self.bits, self.in_features,
+                               self.group_size, dtype)
+            if self.perm is None:
+                return w
+            out = torch.empty_like(w)
+            out[:, self.perm] = w
+            return out
+        if self.kernel != "dequant":
+            raise RuntimeError("the int4pack layout is opaque; only the dequant and qvl paths dequantize")
         return dequantize_weight(self._load_q(), self.zeros, self.scales, self.g_idx, dtype)
 
     # -- forward ---------------------------------------------------------------------------
@@ -127,6 +182,18 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.kernel == "dequant":
             y = F.linear(x2, self.dequantize(torch.float32).to(x.dtype), self.bias)
+        elif self.kernel == "qvl":
+            if x.dtype != self.act_dtype:
+                raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
+            if self.perm is not None:
+                x2 = x2.index_select(1, self.perm)
+            x2 = x2.contiguous()
+            if x2.shape[0] <= cpu.GEMV_MAX_M:
+                y = cpu.qgemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size, self.bias)
+            else:  # many rows (prefill): compute-bound, torch's GEMM on the weight dequantized once
+                w = cpu.dequantize(self.weight, self.kscales, self.kzeros, self.bits, self.in_features,
+                                   self.group_size, x.dtype)
+                y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
         else:
             if x.dtype != self.act_dtype:
                 raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")

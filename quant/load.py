@@ -93,7 +93,7 @@ class QuantizedLinears:
         self.found[mod][leaf] = file_name
         return True
 
-    def build(self, model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device) -> None:
+    def build(self, model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device, kernel: str = "auto") -> None:
         """Swap every target for its quantized module; file tensors are checked first."""
         missing = [f"{mod}.{leaf}" for mod, lin in self.targets.items()
                    for leaf in ("qweight", "qzeros", "scales") + (("bias",) if lin.bias is not None else ())
@@ -118,7 +118,10 @@ class QuantizedLinears:
                 w = decode(self.qcfg, tensors, lin.in_features)
             except ValueError as e:
                 raise CheckpointError(f"{mod}: {e}") from None
-            module = cls.from_weight(w, tensors.get("bias"), dtype)
+            try:
+                module = cls.from_weight(w, tensors.get("bias"), dtype, kernel)
+            except ValueError as e:  # a kernel asked for by name that cannot run this layer
+                raise ValueError(f"{mod}: {e}") from None
             model.set_submodule(mod, module)
             del tensors, w
             for name in self.found[mod].values():

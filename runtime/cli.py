@@ -23,7 +23,7 @@ def _load(args):
     import qvl
 
     return qvl.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                    vision_backend=args.vision_backend)
+                    vision_backend=args.vision_backend, quant_kernel=args.quant_kernel)
 
 
 def _gen_kwargs(args) -> dict:
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
         sp.add_argument("--vision-backend", default="torch", choices=["torch", "onnx"],
                         help="onnx: run MODEL/vision.onnx in onnxruntime (made by `qvl export onnx`)")
+        sp.add_argument("--quant-kernel", default="auto", choices=["auto", "qvl", "int4pack", "dequant"],
+                        help="quantized checkpoints: the linears' path (auto: the fastest that runs here)")
         sp.add_argument("--max-seq-len", type=int, default=4096)
         sp.add_argument("--max-new-tokens", type=int, default=128)
         sp.add_argument("--temperature", type=float, default=0.0)

@@ -36,7 +36,7 @@ def _stop_ids(path: Path, tokenizer: Tokenizer) -> set[int]:
 
 class Engine:
     def __init__(self, path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1, allow_remote=None,
-                 vision_backend="torch"):
+                 vision_backend="torch", quant_kernel="auto"):
         path = Path(path)
         t0 = time.perf_counter()
         self.device = torch.device(device)
@@ -46,7 +46,8 @@ class Engine:
         if vision_backend == "onnx":  # checked before the weights load: a wrong file fails fast
             merge = read_config(path)[0].vision.spatial_merge_size
             self.vision = OnnxVision.from_checkpoint(path, merge)
-        self.model = load_model(path, dtype=dtype, device=self.device, vision=self.vision is None)
+        self.model = load_model(path, dtype=dtype, device=self.device, vision=self.vision is None,
+                                quant_kernel=quant_kernel)
         self.dtype = self.model.embed_tokens.weight.dtype
         self.model.setup_caches(max_batch, max_seq_len, self.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(path)
@@ -160,7 +161,7 @@ def _is_single(messages) -> bool:
 
 
 def load(path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1, allow_remote=None,
-         vision_backend="torch") -> Engine:
+         vision_backend="torch", quant_kernel="auto") -> Engine:
     """Load a Qwen2-VL checkpoint directory for inference.
 
     ``dtype``: "float32", "bfloat16", "float16" or "auto" (the checkpoint's). The KV cache,
@@ -169,6 +170,9 @@ def load(path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1, all
     ``QVL_ALLOW_REMOTE`` env var, else off); limits in ``engine.fetch_policy``.
     ``vision_backend``: "torch", or "onnx" to run the vision tower from ``path/vision.onnx`` in
     onnxruntime (see ``qvl export onnx``); its torch weights are then not loaded.
+    ``quant_kernel`` (quantized checkpoints): "auto" (fastest that runs here), "qvl" (qvl's
+    AVX-512 CPU kernel), "int4pack" (torch's int4 kernel) or "dequant"; a named kernel that
+    cannot run a layer is an error.
     """
     return Engine(path, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
-                  allow_remote=allow_remote, vision_backend=vision_backend)
+                  allow_remote=allow_remote, vision_backend=vision_backend, quant_kernel=quant_kernel)

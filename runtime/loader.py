@@ -62,9 +62,10 @@ def resolve_dtype(dtype, raw_config: dict) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path, dtype="float32", device="cpu", vision: bool = True) -> Qwen2VL:
+def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_kernel: str = "auto") -> Qwen2VL:
     """``vision=False`` leaves the vision tower on the meta device, unread: for callers that run
-    the tower elsewhere (onnxruntime)."""
+    the tower elsewhere (onnxruntime). ``quant_kernel``: the quantized linears' path
+    (:data:`qvl.quant.linear.KERNELS`; "auto" picks the fastest that runs here)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -113,7 +114,7 @@ def load_model(path, dtype="float32", device="cpu", vision: bool = True) -> Qwen
                               f"{unexpected[:5]}{more}")
     if quant:
         try:
-            quant.build(model, ckpt, dtype, device)
+            quant.build(model, ckpt, dtype, device, quant_kernel)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     model.load_state_dict(state, assign=True, strict=not cfg.tie_word_embeddings and vision)

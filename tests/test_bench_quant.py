@@ -26,7 +26,7 @@ def test_bench_quant_pieces(tiny_ckpt, tmp_path):
     for kind, d in dirs.items():
         assert json.loads((d / "config.json").read_text())["quantization_config"]["group_size"] == 32
         m = load_model(d).get_submodule(name)
-        step = m.scales.float().t().repeat_interleave(32, dim=1)
+        step = m.quantized_weight().scales.float().t().repeat_interleave(32, dim=1)
         assert ((m.dequantize() - w).abs() <= 0.6 * step).all(), kind
 
     res = {}

@@ -120,7 +120,8 @@ def _decoder_linears(model):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_same_greedy_tokens_as_dequantized_float(pairs, image, variant):
-    """fp32: the quantized linears dequantize exactly, so tokens (image + text) match exactly."""
+    """fp32: W is exact in fp32 on every path (the qvl kernel's products q * x too), only the
+    summation order differs, so tokens (image + text) match exactly."""
     qdir, fdir = pairs[variant]
     qeng, qtok = _tokens(qdir, "float32", image)
     assert qtok == _tokens(fdir, "float32", image)[1]
@@ -143,15 +144,16 @@ def _logits(path, ids):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_bf16_kernel_matches_dequantized_float(pairs, variant):
-    """bf16 runs torch's int4 kernel. The toy model's logits are small and close together, so
-    bf16 rounding (in either model) flips near-ties: compare logits over 32 teacher-forced
-    positions (2% of their range), and the argmax wherever the float model's top-2 gap exceeds
-    that noise (as vLLM's check_logprobs_close does at divergences)."""
+    """bf16 runs a kernel (qvl's, or torch's int4). The toy model's logits are small and close
+    together, so bf16 rounding (in either model) flips near-ties: compare logits over 32
+    teacher-forced positions (2% of their range), and the argmax wherever the float model's
+    top-2 gap exceeds that noise (as vLLM's check_logprobs_close does at divergences)."""
     qdir, fdir = pairs[variant]
     ids = torch.randint(3, 400, (1, 32), generator=torch.Generator().manual_seed(0))
     qm, got = _logits(qdir, ids)
     _, want = _logits(fdir, ids)
-    assert {m.kernel for m in _decoder_linears(qm).values()} == {"int4pack"}
+    # a kernel (qvl's where it builds and takes the group, else torch's int4), never dequantize
+    assert {m.kernel for m in _decoder_linears(qm).values()} <= {"qvl", "int4pack"}
     tol = 0.02 * want.abs().max().item()
     torch.testing.assert_close(got, want, atol=tol, rtol=0)
     top2 = want.topk(2, dim=-1).values

@@ -1,0 +1,216 @@
+"""qvl's own CPU kernel for 4- and 8-bit weights (``qgemv.c``): built on first use, then cached.
+
+torch's int4 kernel streams weights at under half the copy bandwidth at batch 1 and runs only
+with bf16 activations; batch-1 decode is bound by how fast the weights stream, so qvl carries a
+small AVX-512 GEMV (fp32 or bf16 activations, exact fp32 products, AutoGPTQ / AutoAWQ group
+semantics) and, for many-token products (prefill), a dequantizer feeding torch's dense GEMM.
+
+The C file is compiled with the system C compiler (``$CC``, else ``cc``) and ``-march=native``
+into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the source, compiler and
+CPU, atomically (temp file, then rename). No compiler, no AVX-512, a failed self-check, or
+``QVL_CPU_KERNEL=0``: :func:`unavailable` says why and the linears use torch's kernels instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("qgemv.c")
+GEMV_MAX_M = 8  # rows of x up to which the GEMV beats dequantize + dense GEMM (measured in bench.quant)
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_loaded = False
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                yield line
+    except OSError:
+        yield platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QVL_KERNEL_CACHE") or Path.home() / ".cache" / "qvl" / "kernels")
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc / gcc / $CC) to build it")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, *flags, platform.machine(),
+                                    *sorted(set(_cpu_id()))]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"qgemv-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        log.info("building qvl's CPU kernel with %s (once, cached in %s)", cc, out.parent)
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> None:
+    global _lib, _reason, _loaded
+    _loaded = True
+    if os.environ.get("QVL_CPU_KERNEL", "1") == "0":
+        _reason = "disabled by QVL_CPU_KERNEL=0"
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _reason = f"no qvl CPU kernel for {platform.machine()}"
+        return
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = f"qvl's CPU kernel could not be built: {e}"
+        log.warning("%s; quantized linears use torch's kernels", _reason)
+        return
+    if lib.qvl_isa() != 512:
+        _reason = "this CPU lacks AVX-512 (F, BW) and F16C"
+        return
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.qvl_qgemm.argtypes = [i, p, i, i, i, p, p, p, i, i, p, p, i, i]
+    lib.qvl_dequant.argtypes = [i, p, p, p, i, i, i, p, i, i]
+    _lib = lib
+    err = _self_check()
+    if err:
+        _lib, _reason = None, err
+        log.warning("%s; quantized linears use torch's kernels", err)
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run here, or None when it can (builds it on the first call)."""
+    if not _loaded:
+        _load()
+    return _reason
+
+
+def unsupported_reason(bits: int, n: int, k: int, group: int, zeros: torch.Tensor, scales: torch.Tensor) -> str | None:
+    """Why a layer cannot use the kernel (shapes, or values its layout cannot hold)."""
+    block = 64 if bits == 4 else 32
+    if n % 4 or group % block or k % group:
+        return f"shape [{n}, {k}] / group {group} (needs N % 4, group % {block}, K % group)"
+    if int(zeros.min()) < 0 or int(zeros.max()) > 255:
+        return "zero points outside 0..255"
+    if not torch.equal(scales.float().half().float(), scales.float()):
+        return "scales that are not fp16 values"
+    return unavailable()
+
+
+ROWS = 4  # rows a block of the layout interleaves (qgemv.c's ROWS)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [N, K] codes -> the kernel's weight bytes [N/4, K-blocks, 4, 32] (see qgemv.c)."""
+    q = q.to(torch.uint8)
+    n, k = q.shape
+    if bits == 4:
+        blocks = q.reshape(n, k // 64, 2, 32)  # per 64 columns: [0..31] low nibbles, [32..63] high
+        chunks = blocks[:, :, 0] | (blocks[:, :, 1] << 4)  # [N, K/64, 32]
+    else:
+        chunks = q.reshape(n, k // 32, 32)
+    return chunks.reshape(n // ROWS, ROWS, -1, 32).transpose(1, 2).contiguous()
+
+
+def unpack(w: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: [N, K] codes."""
+    n = w.shape[0] * ROWS
+    chunks = w.transpose(1, 2).reshape(n, -1, 32)
+    if bits == 8:
+        return chunks.reshape(n, k)
+    return torch.stack([chunks & 0xF, chunks >> 4], dim=2).reshape(n, k)
+
+
+def params(zeros: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G, N] true zero points and scales -> the kernel's [N/4, G, 4] uint8 zeros and fp16 scales."""
+    def interleave(t):
+        g, n = t.shape
+        return t.t().reshape(n // ROWS, ROWS, g).transpose(1, 2).contiguous()
+
+    return interleave(zeros.to(torch.uint8)), interleave(scales.to(torch.float16))
+
+
+def unparams(zeros: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`params`: [G, N] int16 zeros and float32 scales."""
+    def deinterleave(t):
+        nb, g, rows = t.shape
+        return t.transpose(1, 2).reshape(nb * rows, g).t()
+
+    return deinterleave(zeros).to(torch.int16), deinterleave(scales).to(torch.float32)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def qgemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (fp32 or bf16, contiguous) @ W.T (+ bias fp32) -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0] * ROWS
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = _lib.qvl_qgemm(bits, x.data_ptr(), x.dtype == torch.bfloat16, m, k, w.data_ptr(), scales.data_ptr(),
+                        zeros.data_ptr(), n, group, _ptr(bias), y.data_ptr(), y.dtype == torch.bfloat16,
+                        torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"qvl_qgemm failed ({rc}) on x {list(x.shape)}, W [{n}, {k}], group {group}")
+    return y
+
+
+def dequantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int, group: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The dense W [N, K] in ``dtype`` (fp32, or bf16 rounded once from fp32)."""
+    n = w.shape[0] * ROWS
+    out = torch.empty(n, k, dtype=dtype)
+    rc = _lib.qvl_dequant(bits, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group, out.data_ptr(),
+                          dtype == torch.bfloat16, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"qvl_dequant failed ({rc}) on W [{n}, {k}], group {group}")
+    return out
+
+
+def _self_check() -> str | None:
+    """The built library against the plain formula, both widths, both activation dtypes."""
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 8, 128, 64
+    for bits in (4, 8):
+        q = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+        zeros = torch.randint(0, 1 << bits, (k // group, n), generator=g)
+        scales = (torch.rand(k // group, n, generator=g) * 0.01 + 1e-3).half().float()
+        ref_w = (q.float() - zeros.repeat_interleave(group, 0).t()) * scales.repeat_interleave(group, 0).t()
+        z, s = params(zeros, scales)
+        wp = pack(q, bits)
+        x = torch.randn(3, k, generator=g)
+        bias = torch.randn(n, generator=g)
+        try:
+            y = qgemm(x, wp, s, z, bits, group, bias)
+            d = dequantize(wp, s, z, bits, k, group, torch.float32)
+        except RuntimeError as e:
+            return f"qvl's CPU kernel failed its self-check: {e}"
+        ref = x @ ref_w.t() + bias
+        if not torch.equal(d, ref_w) or (y - ref).abs().max() > 1e-4 * ref.abs().max():
+            return f"qvl's CPU kernel ({bits}-bit) disagrees with the plain formula in its self-check"
+    return None
