@@ -35,13 +35,16 @@ from qvl.bench import core
 log = logging.getLogger("qvl.bench.quant")
 
 BUILD_VERSION = 1
-# name -> (checkpoint kind, activation dtype)
+# name -> (checkpoint kind, activation dtype, quantized linears' kernel)
 SCHEMES = {
-    "fp32": (None, "float32"),
-    "bf16": (None, "bfloat16"),
-    "int8": ("gptq-int8", "bfloat16"),
-    "int4": ("gptq-int4", "bfloat16"),
-    "awq": ("awq", "bfloat16"),
+    "fp32": (None, "float32", "auto"),
+    "bf16": (None, "bfloat16", "auto"),
+    "int8": ("gptq-int8", "bfloat16", "auto"),
+    "int4": ("gptq-int4", "bfloat16", "auto"),
+    "awq": ("awq", "bfloat16", "auto"),
+    # torch's own int4 kernel on the same checkpoint: what qvl's CPU kernel is measured against
+    "int4-torch": ("gptq-int4", "bfloat16", "int4pack"),
+    "int4-fp32": ("gptq-int4", "float32", "auto"),  # fp32 activations (torch's int4 kernel: bf16 only)
 }
 GB = core.GB
 
@@ -156,7 +159,7 @@ def _child_qvl(spec: dict, res: dict) -> None:
     load = qvl.load
 
     def capture(*a, **kw):  # keep the engine core's child builds, to weigh its model afterwards
-        engines.append(load(*a, **kw))
+        engines.append(load(*a, **kw, quant_kernel=spec.get("quant_kernel", "auto")))
         return engines[-1]
 
     qvl.load = capture
@@ -388,12 +391,12 @@ def main(argv=None) -> int:
             core.wait_for_idle(args.wait_idle)
         bandwidth = [core.run_child("bandwidth", spec, work, args.timeout)]
         for s in schemes:
-            kind, dtype = SCHEMES[s]
+            kind, dtype, kernel = SCHEMES[s]
             core._warm_page_cache(ckpts[s])
             if args.wait_idle:
                 core.wait_for_idle(args.wait_idle)
             log.info("%s: qvl %s on %s", s, dtype, ckpts[s].name)
-            r = run_child(dict(spec, ckpt=str(ckpts[s]), dtype=dtype), work, s, args.timeout)
+            r = run_child(dict(spec, ckpt=str(ckpts[s]), dtype=dtype, quant_kernel=kernel), work, s, args.timeout)
             result["engines"][s] = dict(r, act_dtype=dtype, label=f"qvl {s}" + (f" ({kind})" if kind else ""))
         if args.transformers != "skip":
             tf = _transformers_reference(out, args.new_tokens, args.config) if args.transformers == "auto" else None
@@ -406,11 +409,11 @@ def main(argv=None) -> int:
             bpt = core.decoder_bytes_per_token(raw, "bfloat16")["bytes"]
             result["engines"]["transformers"] = dict(tf, act_dtype="bfloat16", kernels=["dense"],
                                                      label="transformers bf16", bytes_per_token=bpt)
-        steps = [s for s in schemes if s != "fp32"]  # fp32 would need 9 GB more in one process
+        steps = [s for s in schemes if SCHEMES[s][1] != "float32"]  # fp32 would need 9 GB more in one process
         if args.interleaved_steps and steps:
             log.info("decode steps of %s interleaved in one process", ",".join(steps))
             result["interleaved"] = run_child(
-                {"models": {s: [str(ckpts[s]), SCHEMES[s][1]] for s in steps}, "steps": args.interleaved_steps,
+                {"models": {s: [str(ckpts[s]), *SCHEMES[s][1:]] for s in steps}, "steps": args.interleaved_steps,
                  "threads": threads}, work, "interleaved", args.timeout, ["-m", "qvl.bench.interleave"])
             for s, r in (result["interleaved"].get("models") or {}).items():
                 r["bytes_per_token"] = result["engines"].get(s, {}).get("bytes_per_token")

@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,8 @@ class Example:
     video_grids: list
     facts: list = None
     aux: list | None = None  # example_aux's cache
+    # (position predicting a turn's answer, sequence positions of the vision tokens it is about)
+    lookups: list = field(default_factory=list)
 
 
 class Encoder:
@@ -126,6 +128,8 @@ class Encoder:
             req = build_request(msgs, self.tok, self.proc, self.proc.cfg.merge_size)
             text, ids, pv, grids = req.text, req.ids, req.pixel_values, req.grids
         labels = [-100] * len(ids)
+        objects = object_positions(s.facts, ids, grids, self.image_id) if not s.frames else []
+        lookups = []
         conv, done = list(msgs), text  # `done`: the template text whose tokens are in `ids`
         for k, (question, answer) in enumerate([(s.question, s.answer)] + (s.extra if follow_ups else [])):
             if k:
@@ -135,11 +139,15 @@ class Encoder:
                     raise ValueError("the chat template does not render a conversation as a prefix of its extension")
                 prompt = self.tok.encode(text[len(done):])
                 ids, labels = ids + prompt, labels + [-100] * len(prompt)
+            named = named_shape(question)
+            where = [pos for pos, shape in objects if shape == named]
+            if where:
+                lookups.append((len(ids) - 1, where))
             target = self.tok.encode(answer) + [self.im_end]
             ids, labels = ids + target, labels + target
             conv.append({"role": "assistant", "content": answer})
             done = text + answer + "<|im_end|>"
-        return Example(s.task, ids, labels, pv, grids, vv, vgrids, s.facts)
+        return Example(s.task, ids, labels, pv, grids, vv, vgrids, s.facts, lookups=lookups)
 
     def collate(self, batch: list[Example]) -> dict:
         return collate(batch, self.image_id, self.video_id)
@@ -176,6 +184,7 @@ def collate(batch: list[Example], image_token_id: int, video_token_id: int) -> d
 # heads give every picture about twenty direct targets from the generator's ground truth. They are
 # dropped after training: the checkpoint is plain Qwen2-VL.
 WORD_CLASSES = ("<number>", *synth.WORDS)
+LOOKUP_LAYER, LOOKUP_HEAD = 2, 0  # layers 0-1 can first bring the question's shape word to the answer
 
 
 def _aux_classes() -> dict[str, int]:
@@ -228,9 +237,13 @@ def aux_targets(fact: dict) -> list[int]:
 
 
 def token_targets(fact: dict, grid: tuple[int, int, int], merge: int = 2) -> torch.Tensor | None:
-    """[tokens, 2] (shape, colour) class of the object in each merged token of a scene image.
+    """[tokens, 4] per merged token of a scene image: the (shape, colour) class of its object
+    (0: background), and on object tokens (-100 elsewhere) the object's corner class (0: on a
+    centre line, 1 + CORNERS index) and how many objects of its shape the picture holds, minus 1.
 
-    Class 0 is background. synth draws every object inside one cell of the token grid, so the
+    What a question about "the circle" needs then sits on the circle's own token, so the
+    decoder's part is one lookup (session 4: with facts only pooled per picture, the decoder
+    answered colour questions at 1/(number of objects), i.e. it never learned which to look at). synth draws every object inside one cell of the token grid, so the
     token holding an object's centre is the object's whole footprint. Dense targets teach the
     tower shapes far faster than one label a picture does: a ViT without a convolutional stem has
     to learn every part of a shape from data.
@@ -240,10 +253,40 @@ def token_targets(fact: dict, grid: tuple[int, int, int], merge: int = 2) -> tor
     _, gh, gw = grid
     th, tw = gh // merge, gw // merge
     (w, h), colours = fact["size"], list(synth.COLOURS)
-    out = torch.zeros(th * tw, 2, dtype=torch.long)
-    for shape, colour, cx, cy, _ in fact["objects"]:
+    out = torch.zeros(th * tw, 4, dtype=torch.long)
+    out[:, 2:] = -100
+    objs = fact["objects"]
+    for shape, colour, cx, cy, r in objs:
         i, j = min(int(cx * tw // w), tw - 1), min(int(cy * th // h), th - 1)
-        out[j * tw + i] = torch.tensor([1 + synth.SHAPES.index(shape), 1 + colours.index(colour)])
+        corner = synth._corner_of(w, h, cx, cy, r)
+        n_same = sum(o[0] == shape for o in objs)
+        out[j * tw + i] = torch.tensor([1 + synth.SHAPES.index(shape), 1 + colours.index(colour),
+                                        0 if corner is None else 1 + synth.CORNERS.index(corner),
+                                        min(n_same, DENSE_COUNTS) - 1])
+    return out
+
+
+DENSE_COUNTS = 8  # count classes on object tokens: 1..8 (count scenes hold up to 7 objects of a shape)
+
+
+def named_shape(question: str) -> str | None:
+    """The shape a question asks about ("the circle", "the circles"), if any."""
+    words = set(question.lower().rstrip("?.").split())
+    return next((sh for sh in synth.SHAPES if sh in words or synth.PLURAL[sh] in words), None)
+
+
+def object_positions(facts, ids: list[int], grids, image_id: int, merge: int = 2) -> list[tuple[int, str]]:
+    """(sequence position, shape) of the vision token holding each drawn object, every image."""
+    pads = [i for i, t in enumerate(ids) if t == image_id]
+    out, start = [], 0
+    for fact, (_, gh, gw) in zip(facts or [], grids, strict=True):
+        th, tw = gh // merge, gw // merge
+        if "objects" in fact:
+            (w, h) = fact["size"]
+            for shape, _, cx, cy, _ in fact["objects"]:
+                i, j = min(int(cx * tw // w), tw - 1), min(int(cy * th // h), th - 1)
+                out.append((pads[start + j * tw + i], shape))
+        start += th * tw
     return out
 
 
@@ -254,7 +297,8 @@ class AuxHeads(torch.nn.Module):
         self.query = torch.nn.Parameter(torch.randn(len(AUX_NAMES), dim) * dim**-0.5)
         self.out = torch.nn.ModuleList(torch.nn.Linear(dim, AUX_CLASSES[n]) for n in AUX_NAMES)
         self.n_shape = len(synth.SHAPES) + 1
-        self.dense = torch.nn.Linear(dim, self.n_shape + len(synth.COLOURS) + 1)
+        self.splits = (self.n_shape, len(synth.COLOURS) + 1, len(synth.CORNERS) + 1, DENSE_COUNTS)
+        self.dense = torch.nn.Linear(dim, sum(self.splits))
 
     def forward(self, tokens: torch.Tensor, targets: list[int], dense: torch.Tensor | None
                 ) -> tuple[torch.Tensor, int]:
@@ -269,10 +313,11 @@ class AuxHeads(torch.nn.Module):
                 loss = loss + F.cross_entropy(logits[None], torch.tensor([tgt]))
                 hits += int(logits.argmax()) == tgt
         if dense is not None:
-            d = self.dense(x)
-            loss = loss + F.cross_entropy(d[:, : self.n_shape], dense[:, 0]) + F.cross_entropy(d[:, self.n_shape:],
-                                                                                                 dense[:, 1])
-            hits += bool((d[:, : self.n_shape].argmax(1) == dense[:, 0]).all())
+            parts = self.dense(x).split(self.splits, dim=1)
+            for k, d in enumerate(parts):
+                if (dense[:, k] != -100).any():
+                    loss = loss + F.cross_entropy(d, dense[:, k], ignore_index=-100)
+            hits += bool((parts[0].argmax(1) == dense[:, 0]).all())
         return loss, hits
 
 
@@ -393,6 +438,10 @@ class Settings:
     init: str | None = None
     curriculum: bool = True
     aux_weight: float = 1.0  # auxiliary vision heads (AuxHeads); 0 trains on the language loss alone
+    # Lookup supervision: one attention head of one decoder layer is trained to look, from the
+    # position that predicts an answer, at the vision tokens of the object the question names
+    # (-log of the attention mass on them). 0 turns it off (and keeps SDPA attention).
+    lookup_weight: float = 1.0
 
 
 def train(out: Path, st: Settings) -> dict:
@@ -415,6 +464,8 @@ def train(out: Path, st: Settings) -> dict:
              sum(p.numel() for p in model.model.visual.parameters()) / 1e6, flat["vocab_size"])
 
     heads = AuxHeads(model.config.text_config.hidden_size) if st.aux_weight > 0 else None
+    if st.lookup_weight > 0:  # attention probabilities are only returned by the eager path
+        model.set_attn_implementation("eager")
     named = list(model.named_parameters()) + (list(heads.named_parameters(prefix="aux")) if heads else [])
     params = [p for _, p in named]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
@@ -460,6 +511,7 @@ def train(out: Path, st: Settings) -> dict:
         batch = stream.batch(batch_size)
         opt.zero_grad(set_to_none=True)
         loss_sum, aux_sum, aux_hits, n_tok = 0.0, 0.0, 0, sum(sum(1 for x in e.labels if x != -100) for e in batch)
+        n_look, look_sum = sum(len(e.lookups) for e in batch) or 1, 0.0
         # two micro-batches of similar length: half the padding of one batch of mixed lengths
         half = len(batch) // 2
         n_aux = sum(sum(t != -100 for t in row) + (dense is not None)
@@ -475,7 +527,15 @@ def train(out: Path, st: Settings) -> dict:
                     l_aux, hit = heads(tokens, row, dense)
                     loss = loss + st.aux_weight * l_aux / n_aux
                     aux_hits += hit
-            logits = model(**inputs).logits[:, :-1].float()
+            fwd = model(**inputs, output_attentions=st.lookup_weight > 0)
+            if st.lookup_weight > 0:
+                att = fwd.attentions[LOOKUP_LAYER][:, LOOKUP_HEAD]  # [B, T, T]
+                for b, e in enumerate(part):
+                    for p, where in e.lookups:
+                        l_look = -torch.log(att[b, p, where].sum() + 1e-6)
+                        loss = loss + st.lookup_weight * l_look / n_look
+                        look_sum += l_look.item() / n_look
+            logits = fwd.logits[:, :-1].float()
             lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                    labels[:, 1:].reshape(-1), ignore_index=-100,
                                                    reduction="sum") / n_tok
@@ -491,9 +551,9 @@ def train(out: Path, st: Settings) -> dict:
             el = time.perf_counter() - t0
             rate = step / el
             eta = budget_s - el if total is None else min((total - step) / rate, budget_s - el)
-            log.info("step %d/%s  loss %.4f (ema %.4f)  aux %.3f (ema acc %.3f)  lr %.2e  %.2f steps/s  "
+            log.info("step %d/%s  loss %.4f (ema %.4f)  aux %.3f (ema acc %.3f)  lookup %.3f  lr %.2e  %.2f steps/s  "
                      "%.0f samples/s  elapsed %.1f min  ETA %.1f min", step, total or "?", loss_sum, ema, aux_sum,
-                     aux_acc or 0, opt.param_groups[0]["lr"], rate, rate * batch_size, el / 60, eta / 60)
+                     aux_acc or 0, look_sum, opt.param_groups[0]["lr"], rate, rate * batch_size, el / 60, eta / 60)
         if step % st.eval_every == 0:
             acc = teacher_forced_accuracy(model, enc, heldout)
             worst = min(acc.values())
@@ -521,6 +581,7 @@ def train(out: Path, st: Settings) -> dict:
         kept_step = best[1]
 
     model.eval()
+    model.set_attn_implementation("sdpa")  # what the saved config says; the weights are the same
     # fp16 rather than bf16: 3 more mantissa bits, and every weight here is far inside fp16's range
     model.to(torch.float16).save_pretrained(out)
     # written after save_pretrained, so these files (not transformers' defaults) describe the model
@@ -529,7 +590,7 @@ def train(out: Path, st: Settings) -> dict:
         "pad_token_id": ids["<|endoftext|>"], "do_sample": False})
     return {"steps": step, "kept_step": kept_step, "planned_steps": total, "minutes": el / 60, "stopped_by": reason,
             "batch_size": batch_size, "lr": lr, "seed": st.seed, "init": st.init, "curriculum": st.curriculum,
-            "aux_weight": st.aux_weight, "params": n_params, "history": history}
+            "aux_weight": st.aux_weight, "lookup_weight": st.lookup_weight, "params": n_params, "history": history}
 
 
 def evaluate_checkpoint(out: Path, n: int, hf_n: int) -> dict:
@@ -677,6 +738,8 @@ def main(argv=None) -> None:
                     help="all tasks from the first step (see CURRICULUM)")
     ap.add_argument("--aux-weight", type=float, default=Settings.aux_weight,
                     help="weight of the auxiliary vision-head loss (0: language loss only)")
+    ap.add_argument("--lookup-weight", type=float, default=Settings.lookup_weight,
+                    help="weight of the decoder lookup supervision (0: off)")
     ap.add_argument("--init", help="start from this checkpoint's weights instead of a fresh initialisation")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

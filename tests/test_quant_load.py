@@ -248,3 +248,38 @@ def test_released_pages_read_back(pairs):
     before = view.clone()
     ckpt.release(name)
     assert torch.equal(view, before) and torch.equal(ckpt.get(name), before)
+
+
+@pytest.mark.parametrize("kernel", ["int4pack", "dequant"])
+def test_static_decode_step_traces_as_one_graph(pairs, kernel):
+    """The decode step in the form CUDA graphs capture (fixed shapes; the whole static cache read
+    under a mask; cache slot and positions as tensors) traces into one graph with the quantized
+    linears' GPU code paths (torch's int4 kernel, dequantize per call): dynamo with
+    fullgraph=True fails on any graph break or host sync. Traced here on the CPU (no GPU in
+    CI); two slots reuse the one graph, and it computes what eager does. qvl's CPU kernel is
+    a ctypes call, outside this (CPU-only) contract."""
+    from torch._dynamo.testing import CompileCounter
+
+    qdir, _ = pairs["gptq-int4"]
+    m = load_model(qdir, dtype="bfloat16", quant_kernel=kernel)
+    assert {x.kernel for x in _decoder_linears(m).values()} == {kernel}
+    seq, prompt = 16, 4
+    m.setup_caches(1, seq, torch.bfloat16)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    pos = torch.arange(prompt)
+    with torch.no_grad():
+        m(m.embed_tokens(ids), pos.expand(3, 1, -1), pos, None, prompt)
+
+    def step(tok, positions, slot, mask):
+        return m.logits(m(m.embed_tokens(tok), positions, slot, mask, None)[:, -1])
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for slot in (prompt, prompt + 1):
+            args = (torch.tensor([[7 + slot]]), torch.full((3, 1, 1), slot), torch.tensor([slot]),
+                    (torch.arange(seq) <= slot)[None, None, None])
+            want = step(*args)  # both write the same keys / values into the slot
+            assert torch.equal(compiled(*args), want)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

@@ -154,12 +154,41 @@ def test_dense_targets_mark_the_cell_of_each_object():
         (fact,) = s.facts
         w, h = fact["size"]
         cols, rows = w // synth.CELL, h // synth.CELL
-        dense = token_targets(fact, (1, 2 * rows, 2 * cols)).view(rows, cols, 2)
-        expected = torch.zeros(rows, cols, 2, dtype=torch.long)
-        for shape, colour, cx, cy, _ in fact["objects"]:
+        dense = token_targets(fact, (1, 2 * rows, 2 * cols)).view(rows, cols, 4)
+        expected = torch.zeros(rows, cols, 4, dtype=torch.long)
+        expected[..., 2:] = -100
+        for shape, colour, cx, cy, r in fact["objects"]:
+            corner = synth._corner_of(w, h, cx, cy, r)
+            n = sum(o[0] == shape for o in fact["objects"])
             expected[int(cy // synth.CELL), int(cx // synth.CELL)] = torch.tensor(
-                [1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour)])
+                [1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour),
+                 0 if corner is None else 1 + synth.CORNERS.index(corner), n - 1])
         assert torch.equal(dense, expected), s.id
+
+
+def test_lookup_targets_point_at_the_named_objects(toy_dir):
+    """Lookup supervision: the position predicting each answer, and the vision tokens of the
+    objects its question names (every image of a compare pair)."""
+    from qvl.scripts import train_toy
+
+    enc = train_toy.Encoder(toy_dir)
+    assert train_toy.named_shape("How many crosses are there?") == "cross"
+    assert train_toy.named_shape("What shape is this?") is None
+    for task in ("colour", "count", "compare"):
+        s = synth.make_sample(task, 3, seed=5)
+        e = enc(s)
+        p, where = e.lookups[0]
+        assert e.labels[p] == -100 and e.labels[p + 1] != -100  # p predicts the first answer token
+        named = train_toy.named_shape(s.question)
+        pads = [i for i, t in enumerate(e.ids) if t == enc.image_id]
+        assert set(where) <= set(pads)
+        drawn = [o for f in s.facts for o in f["objects"] if o[0] == named]
+        assert len(where) == len(drawn) > 0, s.id
+        # the token of each named object is its cell's: row-major over each image's cell grid
+        first = s.facts[0]
+        cols = first["size"][0] // synth.CELL
+        for _, _, cx, cy, _ in [o for o in first["objects"] if o[0] == named]:
+            assert pads[int(cy // synth.CELL) * cols + int(cx // synth.CELL)] in where
 
 
 def test_aux_targets_follow_what_was_drawn():
