@@ -28,7 +28,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qgemv.c")
-GEMV_MAX_M = 8  # rows of x up to which the GEMV beats dequantize + dense GEMM (measured in bench.quant)
+# rows of x up to which the GEMV (its weights re-read from cache for each row) is used; dequantize +
+# GEMM breaks even at 12-16 rows on a 2B MLP matrix (2 cores), so 8 keeps to the safe side
+GEMV_MAX_M = 8
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False

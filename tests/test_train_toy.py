@@ -1,5 +1,6 @@
-"""The training script end to end, a few steps: auxiliary heads and lookup supervision run, the
-checkpoint it saves is plain Qwen2-VL (SDPA attention in its config) and qvl loads it."""
+"""The training script end to end, a few steps, with the opt-in experiments on (lookup
+supervision, object facts): the checkpoint it saves is plain Qwen2-VL (SDPA attention in its
+config) and qvl loads it."""
 
 import json
 
@@ -22,8 +23,8 @@ def test_two_training_steps_save_a_checkpoint_qvl_loads(tmp_path, monkeypatch):
     torch.manual_seed(0)
     out = tmp_path / "toy"
     run = train_toy.train(out, train_toy.Settings(steps=2, batch_size=4, eval_n=1, eval_every=1000,
-                                                  curriculum=False))
-    assert run["steps"] == 2 and run["lookup_weight"] > 0 and sum(seen) > 0
+                                                  curriculum=False, lookup_weight=1.0, object_facts=True))
+    assert run["steps"] == 2 and run["lookup_weight"] == 1.0 and run["object_facts"] and sum(seen) > 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("_attn_implementation", cfg.get("attn_implementation")) in (None, "sdpa")
     s = synth.make_sample("colour", 0, seed=1)
