@@ -1,9 +1,11 @@
 """qvl's own CPU kernel for 4- and 8-bit weights (``qgemv.c``): built on first use, then cached.
 
-torch's int4 kernel streams weights at under half the copy bandwidth at batch 1 and runs only
-with bf16 activations; batch-1 decode is bound by how fast the weights stream, so qvl carries a
-small AVX-512 GEMV (fp32 or bf16 activations, exact fp32 products, AutoGPTQ / AutoAWQ group
-semantics) and, for many-token products (prefill), a dequantizer feeding torch's dense GEMM.
+torch's CPU int4 kernel runs only with bf16 activations (fp32 would dequantize per call), takes
+8-bit weights only as two nibbles (two passes), and is slow at prefill. qvl carries a small
+AVX-512 GEMV instead (fp32 or bf16 activations, exact fp32 products, 8-bit as bytes, AutoGPTQ /
+AutoAWQ group semantics; 4-bit decode streams as fast as torch's kernel or slightly faster) and,
+for many-token products (prefill), a dequantizer feeding torch's dense GEMM. Figures:
+bench/results/quant.md.
 
 The C file is compiled with the system C compiler (``$CC``, else ``cc``) and ``-march=native``
 into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the source, compiler and
@@ -21,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ _reason: str | None = None
 _loaded = False
 
 
-def _cpu_id() -> str:
+def _cpu_id() -> Iterator[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "model name")):

@@ -1,15 +1,16 @@
 /* Weight-only quantized matrix-vector products for x86-64 CPUs with AVX-512 (qvl.quant.cpu).
  *
- * Why this file exists: torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) streams weights
- * at under half the machine's copy bandwidth at batch 1 and is ~15x slower still with fp32 or
- * fp16 activations; decode is bandwidth-bound, so the kernel sets the decode speed. No
- * maintained library offers a torch-callable int4/int8 GEMV with AutoGPTQ/AutoAWQ group
- * semantics for CPUs, so this one is small and written for that job only.
+ * Why this file exists: torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) takes only bf16
+ * activations (fp32 and fp16 ~15x slower), reads 8-bit weights only as two 4-bit passes and is
+ * slow at prefill; batch-1 decode is bandwidth-bound, so streaming the packed bytes once at full
+ * speed is the whole job. No maintained library offers a torch-callable int4/int8 GEMV with
+ * AutoGPTQ/AutoAWQ group semantics for CPUs, so this one is small and written for that job only.
  *
  * Semantics, per output row n and group g of `group` input columns:
  *     y[m, n] = sum_g s[n, g] * (sum_{k in g} q[n, k] * x[m, k]  -  z[n, g] * sum_{k in g} x[m, k])
  * i.e. W = s * (q - z), the formats' own dequantization, with q and z integers, s an fp16 value.
- * Products q * x are exact in fp32 (x is fp32 or bf16, q < 256) and accumulate in fp32.
+ * With bf16 x the products q * x are exact in fp32 (8 x 8 significant bits); with fp32 x they
+ * round once, as a dense fp32 product does. Sums accumulate in fp32.
  *
  * Layouts (built once at load by qvl.quant.cpu.pack / params):
  *   Rows go in blocks of ROWS = 4 (eight independent FMA chains), and the weight bytes of a
@@ -130,7 +131,7 @@ static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint
 }
 #endif
 
-/* fp32 activations (or no AVX512-BF16): codes widened to fp32, exact products. */
+/* fp32 activations (or no AVX512-BF16): codes widened to fp32, FMA with x. */
 static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
                            const uint8_t *zr, int G, int group, float *out) {
     const __m128i low = _mm_set1_epi8(0x0f);

@@ -3,10 +3,11 @@
 * packing: pack -> unpack is bit-exact both ways, and agrees with loop-based readers/writers
   written from the format descriptions (tests/quant_ref.py).
 * Int4Linear / Int8Linear: forward == x @ W.T + b, W the dequantized weight, on every path.
-  Tolerances: fp32 1e-5 of max |y|, i.e. summation rounding only (W is exact in fp32; the qvl
-  kernel's products q * x are exact in fp32 too). bf16: 2**-6 of max |y|: torch's int4 kernel
-  holds scales, zeros and x in bf16 (8-bit mantissa, 2**-9 relative rounding each) and sums in
-  fp32; the dequant path rounds W to bf16; the qvl kernel rounds only its output to bf16.
+  Tolerances: fp32 1e-5 of max |y|: W is exact in fp32, so paths differ only in how products
+  and sums round (qvl's kernel sums q * x per group, then scales). bf16: 2**-6 of max |y|:
+  torch's int4 kernel holds scales, zeros and x in bf16 (8-bit mantissa, 2**-9 relative
+  rounding each) and sums in fp32; the dequant path rounds W to bf16; the qvl kernel rounds
+  only its output to bf16.
 * qvl's CPU kernel: both layouts round-trip, dequantize bit-exactly, and the GEMV (1..8 rows)
   and the prefill path (dequantize + GEMM) equal the plain formula.
 """
@@ -170,8 +171,8 @@ def test_qvl_kernel_layout_round_trips(bits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_qvl_kernel_every_row_count(bits, dtype):
     """1..GEMV_MAX_M rows run the GEMV, more the dequantize + GEMM path; extreme codes and zero
-    points (0 and 2**bits - 1) included. The GEMV's products are exact in fp32, so even its bf16
-    output is held to bf16's own rounding of the exact result."""
+    points (0 and 2**bits - 1) included. With bf16 x the GEMV's products are exact in fp32, so
+    its bf16 output is held to bf16's own rounding of the exact result."""
     n, k, group = 64, 512, 128
     w = _qweight(n, k, bits, group, seed=bits)
     w.q[0], w.zeros[0, 1], w.zeros[1, 2] = 2**bits - 1, 0, 2**bits - 1

@@ -120,8 +120,8 @@ def _decoder_linears(model):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_same_greedy_tokens_as_dequantized_float(pairs, image, variant):
-    """fp32: W is exact in fp32 on every path (the qvl kernel's products q * x too), only the
-    summation order differs, so tokens (image + text) match exactly."""
+    """fp32: W is exact in fp32 on every path and only the order of the sums differs (qvl's
+    kernel sums q * x per group, then scales), so tokens (image + text) match exactly."""
     qdir, fdir = pairs[variant]
     qeng, qtok = _tokens(qdir, "float32", image)
     assert qtok == _tokens(fdir, "float32", image)[1]
