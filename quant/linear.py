@@ -181,12 +181,13 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.kernel == "dequant":
-            y = F.linear(x2, self.dequantize(torch.float32).to(x.dtype), self.bias)
-        elif self.kernel == "qvl":
-            if x.dtype != self.act_dtype:
-                raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
-            if self.perm is not None:
-                x2 = x2.index_select(1, self.perm)
+            return F.linear(x2, self.dequantize(torch.float32).to(x.dtype), self.bias).reshape(*lead, self.out_features)
+        # both kernel layouts: packed for one activation dtype, act-order columns permuted once
+        if x.dtype != self.act_dtype:
+            raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        if self.kernel == "qvl":
             x2 = x2.contiguous()
             if x2.shape[0] <= cpu.GEMV_MAX_M:
                 y = cpu.qgemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size, self.bias)
@@ -195,10 +196,6 @@ class QuantLinear(nn.Module):
                                    self.group_size, x.dtype)
                 y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
         else:
-            if x.dtype != self.act_dtype:
-                raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
-            if self.perm is not None:
-                x2 = x2.index_select(1, self.perm)
             y = kernels.mm(self._kernel_input(x2), self.weight, self.kgroup, self.scales_zeros)
             if self.bias is not None:
                 y = y + self.bias

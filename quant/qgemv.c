@@ -90,6 +90,39 @@ static inline void store(void *y, int y_bf16, size_t i, float v) {
 
 static inline __m512 u8x16_to_ps(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
 
+/* What the three row kernels share: per row, the scaled group sums and the zero term. */
+typedef struct {
+    __m512 tot[ROWS];
+    float zt[ROWS];
+} RowSums;
+
+static inline void rows_init(RowSums *acc) {
+    for (int r = 0; r < ROWS; r++) {
+        acc->tot[r] = _mm512_setzero_ps();
+        acc->zt[r] = 0.f;
+    }
+}
+
+/* Close group g: y += s * (sum q * x) - s * (z + zoff) * sum x, zoff the codes' offset. */
+static inline void rows_close_group(RowSums *acc, const __m512 *a0, const __m512 *a1, const uint16_t *sc,
+                                    const uint8_t *zr, int g, float xsum, float zoff) {
+    for (int r = 0; r < ROWS; r++) {
+        const size_t i = (size_t)g * ROWS + r;
+        const float s = _cvtsh_ss(sc[i]);
+        acc->tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(a0[r], a1[r]), acc->tot[r]);
+        acc->zt[r] += s * (zoff + (float)zr[i]) * xsum;
+    }
+}
+
+static inline void rows_finish(const RowSums *acc, float *out) {
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc->tot[r]) - acc->zt[r];
+}
+
+static inline void prefetch_block(const uint8_t *blk) {
+    _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+}
+
 #ifdef __AVX512BF16__
 /* bf16 activations: the codes become bf16 numbers 128 + q with one OR (0x4300 is bf16 128.0,
  * whose 7 mantissa bits then hold q exactly), and vdpbf16ps multiplies 32 of them with x in one
@@ -97,12 +130,8 @@ static inline __m512 u8x16_to_ps(__m128i b) { return _mm512_cvtepi32_ps(_mm512_c
 static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
                                 const uint8_t *zr, int G, int group, float *out) {
     const __m512i magic = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(0x000f);
-    __m512 tot[ROWS];
-    float zt[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-        tot[r] = _mm512_setzero_ps();
-        zt[r] = 0.f;
-    }
+    RowSums acc;
+    rows_init(&acc);
     for (int g = 0; g < G; g++) {
         __m512 a0[ROWS], a1[ROWS];
         for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm512_setzero_ps();
@@ -110,8 +139,7 @@ static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint
             const __m512bh xlo = (__m512bh)_mm512_loadu_si512(xm + k0);
             const __m512bh xhi = (__m512bh)_mm512_loadu_si512(xm + k0 + 32);
             const uint8_t *blk = w + (size_t)(k0 / 64) * ROWS * CHUNK;
-            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+            prefetch_block(blk);
             for (int r = 0; r < ROWS; r++) {
                 const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + r * CHUNK)));
                 const __m512i lo = _mm512_ternarylogic_epi32(b, low, magic, 0xEA);  /* (b & low) | magic */
@@ -120,14 +148,9 @@ static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint
                 a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)hi, xhi);
             }
         }
-        for (int r = 0; r < ROWS; r++) {
-            const size_t i = (size_t)g * ROWS + r;
-            const float s = _cvtsh_ss(sc[i]);
-            tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(a0[r], a1[r]), tot[r]);
-            zt[r] += s * (128.f + (float)zr[i]) * xsm[g];
-        }
+        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 128.f);
     }
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(tot[r]) - zt[r];
+    rows_finish(&acc, out);
 }
 #endif
 
@@ -135,19 +158,14 @@ static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint
 static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
                            const uint8_t *zr, int G, int group, float *out) {
     const __m128i low = _mm_set1_epi8(0x0f);
-    __m512 tot[ROWS];
-    float zt[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-        tot[r] = _mm512_setzero_ps();
-        zt[r] = 0.f;
-    }
+    RowSums acc;
+    rows_init(&acc);
     for (int g = 0; g < G; g++) {
         __m512 a0[ROWS], a1[ROWS];
         for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm512_setzero_ps();
         for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
             const uint8_t *blk = w + (size_t)(k0 / 64) * ROWS * CHUNK;
-            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+            prefetch_block(blk);
             for (int h = 0; h < 32; h += 16) {
                 const __m512 xlo = _mm512_loadu_ps(xm + k0 + h), xhi = _mm512_loadu_ps(xm + k0 + 32 + h);
                 for (int r = 0; r < ROWS; r++) {
@@ -157,46 +175,31 @@ static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, 
                 }
             }
         }
-        for (int r = 0; r < ROWS; r++) {
-            const size_t i = (size_t)g * ROWS + r;
-            const float s = _cvtsh_ss(sc[i]);
-            tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(a0[r], a1[r]), tot[r]);
-            zt[r] += s * (float)zr[i] * xsm[g];
-        }
+        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
     }
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(tot[r]) - zt[r];
+    rows_finish(&acc, out);
 }
 
 static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
                            const uint8_t *zr, int G, int group, float *out) {
-    __m512 tot[ROWS];
-    float zt[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-        tot[r] = _mm512_setzero_ps();
-        zt[r] = 0.f;
-    }
+    RowSums acc;
+    rows_init(&acc);
     for (int g = 0; g < G; g++) {
         __m512 a0[ROWS], a1[ROWS];
         for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm512_setzero_ps();
         for (int k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
             const __m512 x0 = _mm512_loadu_ps(xm + k0), x1 = _mm512_loadu_ps(xm + k0 + 16);
             const uint8_t *blk = w + (size_t)(k0 / 32) * ROWS * CHUNK;
-            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+            prefetch_block(blk);
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *p = blk + r * CHUNK;
                 a0[r] = _mm512_fmadd_ps(u8x16_to_ps(_mm_loadu_si128((const __m128i *)p)), x0, a0[r]);
                 a1[r] = _mm512_fmadd_ps(u8x16_to_ps(_mm_loadu_si128((const __m128i *)(p + 16))), x1, a1[r]);
             }
         }
-        for (int r = 0; r < ROWS; r++) {
-            const size_t i = (size_t)g * ROWS + r;
-            const float s = _cvtsh_ss(sc[i]);
-            tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(a0[r], a1[r]), tot[r]);
-            zt[r] += s * (float)zr[i] * xsm[g];
-        }
+        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
     }
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(tot[r]) - zt[r];
+    rows_finish(&acc, out);
 }
 
 #endif /* QVL_AVX512 */
