@@ -24,6 +24,9 @@ then scored teacher-forced on the reference's answer tokens (``Engine.score``), 
 token-level KL(reference || model) averaged over answer tokens, and top-1 agreement (how often
 the two argmaxes agree). Log-probs are exchanged through ``--out``/ref as float32 .npy files,
 ``answer tokens x vocab`` each (the reason to use ``--limit`` with 150k-token vocabularies).
+``--text-kl`` adds the same two figures over every text token of each chat (system prompt,
+question, chat markup and the reference's answer; ``Engine.text_logprobs``, one causal pass):
+hundreds of positions where the answers give a few, at the cost of storing them.
 
 Each model runs in its own subprocess, so ``peak RSS`` is that process's ``ru_maxrss`` and
 ``model RSS`` its peak minus the RSS it had after imports, before loading the model (weights,
@@ -250,7 +253,8 @@ def _progress(items, desc: str):
 
 
 def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool, device: str = "cpu",
-              dtype: str = "float32", max_new_tokens: int = 32, max_seq_len: int = 4096) -> dict:
+              dtype: str = "float32", max_new_tokens: int = 32, max_seq_len: int = 4096,
+              text_kl: bool = False) -> dict:
     """Answer and score every record with one model; the reference also writes ``ref_dir``."""
     import numpy as np
     import torch
@@ -269,6 +273,7 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     rows, own_answers = [], {}
     new_tok = decode_s = first_s = 0.0
     kl_sum = agree = n_tok = 0
+    tkl_sum = tagree = t_tok = 0
     kl_ok = True
     for i, rec in enumerate(_progress(records, Path(path).name)):
         row = {"id": rec["id"], "task": rec["task"]}
@@ -288,6 +293,8 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
             own_answers[rec["id"]] = ids
             lp = engine.score(rec["messages"], ids)
             np.save(ref_dir / f"lp{i}.npy", lp.numpy())
+            if text_kl:
+                np.save(ref_dir / f"text{i}.npy", engine.text_logprobs(rec["messages"], ids)[0].numpy())
         elif ref_answers is not None and rec["id"] in ref_answers and kl_ok:
             ref_lp = torch.from_numpy(np.load(ref_dir / f"lp{i}.npy"))
             lp = engine.score(rec["messages"], ref_answers[rec["id"]])
@@ -300,19 +307,28 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
                 kl_sum += float(kl.sum())
                 agree += int((ref_lp.argmax(-1) == lp.argmax(-1)).sum())
                 n_tok += len(kl)
+                if text_kl:
+                    ref_t = torch.from_numpy(np.load(ref_dir / f"text{i}.npy"))
+                    lt = engine.text_logprobs(rec["messages"], ref_answers[rec["id"]])[0]
+                    tkl_sum += float((ref_t.exp() * (ref_t - lt)).sum())
+                    tagree += int((ref_t.argmax(-1) == lt.argmax(-1)).sum())
+                    t_tok += len(lt)
         rows.append(row)
     if is_reference:
         answers_file.write_text(json.dumps(own_answers))
         kl_mean, top1 = 0.0, 1.0  # by construction: the reference scored against itself
+        text = (0.0, 1.0) if text_kl else (None, None)
     else:
         kl_mean = kl_sum / n_tok if (kl_ok and n_tok) else None
         top1 = agree / n_tok if (kl_ok and n_tok) else None
+        text = (tkl_sum / t_tok, tagree / t_tok) if (text_kl and kl_ok and t_tok) else (None, None)
     answered = [r for r in rows if "score" in r]
     result = {
         "model": spec, "path": str(path), "dtype": dtype, "device": device,
         "weights_mb": weights_mb(path), "loaded_weights_mb": loaded_weights_mb(engine.model), "load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "model_rss_mb": None, "kl": kl_mean, "top1": top1, "kl_tokens": n_tok,
+        "kl_text": text[0], "top1_text": text[1], "kl_text_tokens": t_tok,
         "decode_tok_s": new_tok / decode_s if (decode_s > 0 and new_tok) else None,
         "first_token_ms": 1000 * first_s / len(answered) if answered else None,
         "rows": rows,
@@ -366,7 +382,7 @@ def summarize(result: dict, records: list[dict]) -> dict:
 
 def evaluate(models: list[str], data, limit: int | None = None, out="qvl-eval", device: str = "cpu",
              dtype: str = "float32", max_new_tokens: int = 32, max_seq_len: int = 4096,
-             in_process: bool = False, verbose: bool = False, plot: bool = True) -> dict:
+             in_process: bool = False, verbose: bool = False, plot: bool = True, text_kl: bool = False) -> dict:
     """Run every model on the set; write results.json, results.md and accuracy_vs_size.png to ``out``."""
     if not models:
         raise ValueError("name at least one model")
@@ -379,7 +395,8 @@ def evaluate(models: list[str], data, limit: int | None = None, out="qvl-eval", 
     results = []
     with tempfile.TemporaryDirectory(prefix="ref-", dir=out) as ref_dir:
         for k, model in enumerate(models):
-            kw = dict(device=device, dtype=dtype, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
+            kw = dict(device=device, dtype=dtype, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
+                      text_kl=text_kl)
             if in_process:
                 res = run_model(model, records, Path(ref_dir), k == 0, **kw)
             else:
@@ -429,13 +446,15 @@ def _fmt(x, spec: str, none: str = "n/a") -> str:
 
 def markdown(summary: dict) -> str:
     models = summary["models"]
+    text = any(r.get("kl_text") is not None for r in models)
     lines = [f"## qvl eval: {summary['data']} ({summary['n']} items; reference {summary['reference']})", "",
-             "| model | accuracy | KL vs ref | top-1 vs ref | weights MB (disk / loaded) | peak RSS MB | model RSS MB "
-             "| decode tok/s | first token ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | accuracy | KL vs ref | top-1 vs ref | " + ("KL text | top-1 text | " if text else "")
+             + "weights MB (disk / loaded) | peak RSS MB | model RSS MB | decode tok/s | first token ms |",
+             "|---|---|---|---|" + ("---|---|" if text else "") + "---|---|---|---|---|"]
     for r in models:
+        tcols = f"{_fmt(r.get('kl_text'), '.2e')} | {_fmt(r.get('top1_text'), '.4f')} | " if text else ""
         lines.append(f"| {r['name']} | {_fmt(r['accuracy'], '.3f')} | {_fmt(r['kl'], '.2e')} | "
-                     f"{_fmt(r['top1'], '.3f')} | "
+                     f"{_fmt(r['top1'], '.3f')} | {tcols}"
                      f"{_fmt(r['weights_mb'], '.1f')} / {_fmt(r['loaded_weights_mb'], '.1f')} | "
                      f"{_fmt(r['peak_rss_mb'], '.0f')} | "
                      f"{_fmt(r['model_rss_mb'], '.0f')} | {_fmt(r['decode_tok_s'], '.1f')} | "
@@ -452,6 +471,10 @@ def markdown(summary: dict) -> str:
         n = max(r["task_n"].get(t, 0) + r["skipped"].get(t, 0) for r in models)
         lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
     notes = []
+    if text:
+        n_text = max(r.get("kl_text_tokens") or 0 for r in models)
+        notes.append(f"KL / top-1 text: over every text token of each chat (prompt and the reference's answer, "
+                     f"{n_text} tokens), one teacher-forced pass; the other columns: answer tokens only")
     if summary["in_process"]:
         notes.append("all models ran in one process: RSS figures include the models before them")
     skipped = {t for r in models for t in r["skipped"]}
@@ -520,6 +543,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--in-process", action="store_true", help="no subprocess per model (memory figures accumulate)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--text-kl", action="store_true",
+                   help="also KL / top-1 over every text token of each chat, not just the answer (the reference "
+                   "stores tokens x vocab float32 a chat: ~0.6 MB a token at Qwen2-VL's 152k vocabulary)")
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -532,7 +558,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 def cmd_eval(args) -> int:
     summary = evaluate(args.models, args.data, args.limit, args.out, args.device, args.dtype, args.max_new_tokens,
-                       args.max_seq_len, args.in_process, getattr(args, "verbose", False), plot=not args.no_plot)
+                       args.max_seq_len, args.in_process, getattr(args, "verbose", False), plot=not args.no_plot,
+                       text_kl=args.text_kl)
     print(markdown(summary), end="")
     print(f"\nwrote {Path(args.out) / 'results.json'}, results.md" + ("" if args.no_plot else ", accuracy_vs_size.png"))
     return 0

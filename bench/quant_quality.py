@@ -5,7 +5,9 @@
 Exports the model with GPTQ Int8, GPTQ Int4, AWQ 4-bit and the round-to-nearest baselines of
 both 4-bit formats (same group size, same calibration), then runs ``qvl eval`` on the float
 model (the reference) and every artifact over the synthetic evaluation set: accuracy per task,
-KL divergence and top-1 agreement against the float model, size, speed. Export times and the
+KL divergence and top-1 agreement against the float model on the answer tokens and on every text
+token of each chat (``--text-kl``: the answers are one or two tokens, too few to rank schemes whose
+KL differs by tens of percent), size, speed. Export times and the
 manifests' per-layer errors go in the same report. Writes ``bench/results/quant-quality.{md,json}``
 (+ the eval's PNG). Exports are cached under ``$QVL_BENCH_CACHE`` by model fingerprint.
 """
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     exports = export_all(model, work, args.group_size, args.calib_samples)
     out = pathlib.Path(args.out)
     ev = evaluate([str(model)] + [e["path"] for e in exports.values()], args.data, args.limit,
-                  out / "quant-quality-eval", in_process=args.in_process)
+                  out / "quant-quality-eval", in_process=args.in_process, text_kl=True)
     for m, name in zip(ev["models"], ["float"] + list(exports)):
         m["name"] = name
     result = {"model": model.name, "group_size": args.group_size, "calib_samples": args.calib_samples,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from qvl.runtime.fetch import FetchPolicy
-from qvl.runtime.generate import Stats, generate_ids
+from qvl.runtime.generate import Stats, generate_ids, sequence_logprobs
 from qvl.runtime.loader import load_model, read_config
 from qvl.runtime.onnx_vision import OnnxVision
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
@@ -120,6 +120,22 @@ class Engine:
         for _ in self._run([messages], len(answer_ids), SamplingParams(), add_vision_id, True, sampler=forced):
             pass
         return torch.stack(forced.rows)
+
+    def text_logprobs(self, messages, answer_ids=(), add_vision_id=False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log-probabilities [N, vocab] (float32, CPU) for every text token of the
+        templated prompt and ``answer_ids`` that follows another token, and those N target ids.
+
+        ``score`` covers the answer only (a few tokens a question); these rows take in the whole
+        chat, so divergences between two models (e.g. float vs quantized) are measured on
+        hundreds of positions instead of a handful.
+        """
+        if not _is_single(messages):
+            raise ValueError("text_logprobs() takes one conversation (a list of message dicts)")
+        merge = self.model.cfg.vision.spatial_merge_size
+        req = build_request(messages, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
+                            self.fetch_policy)
+        return sequence_logprobs(self.model, req, list(answer_ids), self.image_token_id, self.video_token_id,
+                                 self.device, vision=self.vision)
 
     def stream(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                repetition_penalty=1.0, seed=None, add_vision_id=False, ignore_eos=False) -> Iterator[str]:

@@ -163,3 +163,27 @@ def generate_ids(model: Qwen2VL, requests: list[Request], sampler: Sampler, max_
             logits = model.logits(hidden[:, -1])
         _sync(device)
         stats.decode_s = time.perf_counter() - t_dec
+
+
+def sequence_logprobs(model: Qwen2VL, request: Request, answer_ids: list[int], image_token_id: int,
+                      video_token_id: int, device="cpu", vision=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probabilities of every text token after the first, over the prompt and
+    ``answer_ids`` in one causal pass: rows [N, vocab] float32 on the CPU and the targets [N] they
+    predict. Positions whose next token is an image or video pad are skipped (those tokens are
+    replaced by vision embeddings, not predicted). One prefill, no decode steps: the same
+    numbers ``score`` gives for the answer rows up to kernel rounding."""
+    tower = model.visual if vision is None else vision
+    seq = list(request.ids) + [int(i) for i in answer_ids]
+    if len(seq) > model.max_seq:
+        raise PromptTooLongError(f"prompt + answer of {len(seq)} tokens does not fit the KV cache "
+                                 f"(max_seq_len={model.max_seq})")
+    ids = torch.tensor([seq])
+    with torch.inference_mode():
+        embeds, _ = embed_prompt(model, tower, ids, [request], image_token_id, video_token_id, device)
+        positions, _ = rope_index(ids, request.vision_grids, (image_token_id, video_token_id),
+                                  model.cfg.vision.spatial_merge_size)
+        hidden = model(embeds, positions.to(device), torch.arange(len(seq), device=device), None, len(seq))
+        nxt = ids[0, 1:]
+        keep = ((nxt != image_token_id) & (nxt != video_token_id)).nonzero().flatten()
+        logits = model.logits(hidden[0, keep.to(device)]).float()
+        return torch.log_softmax(logits, dim=-1).cpu(), nxt[keep]

@@ -100,13 +100,16 @@ def test_kl_and_top1_against_the_reference(tiny_ckpt, other_ckpt, synth_set, tmp
 def test_qvl_eval_command(tiny_ckpt, synth_set, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qvl.runtime.cli", "eval", str(tiny_ckpt), f"{tiny_ckpt}@bfloat16",
                         "--data", str(synth_set), "--limit", "2", "--out", str(tmp_path), "--max-new-tokens", "3",
-                        "--no-plot"], capture_output=True, text=True, timeout=300)
+                        "--no-plot", "--text-kl"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "top-1 vs ref" in r.stdout and "@bfloat16" in r.stdout
+    assert "top-1 vs ref" in r.stdout and "@bfloat16" in r.stdout and "KL text" in r.stdout
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["n"] == 2 and [m["dtype"] for m in res["models"]] == ["float32", "bfloat16"]
     assert all(m["peak_rss_mb"] > m["model_rss_mb"] > 0 for m in res["models"])
     assert res["models"][1]["kl"] is not None
+    bf16 = res["models"][1]
+    # bf16 against fp32 over every text token: a positive KL, on more tokens than the answers hold
+    assert bf16["kl_text"] > 0 and 0.5 < bf16["top1_text"] <= 1 and bf16["kl_text_tokens"] > bf16["kl_tokens"]
 
 
 def test_eval_refuses_a_missing_model(synth_set, tmp_path):

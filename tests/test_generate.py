@@ -145,3 +145,29 @@ def test_unreadable_image(setup, tmp_path):
     conv = [{"role": "user", "content": [{"type": "image", "image": str(bad)}, {"type": "text", "text": "?"}]}]
     with pytest.raises(ValueError, match="broken.png"):
         eng.generate(conv, max_new_tokens=2)
+
+
+def test_text_logprobs_match_transformers_over_the_whole_chat(setup, images):
+    """Engine.text_logprobs: one causal pass over a multi-image, multi-turn prompt plus an
+    answer, log-probs of every text token that follows another (image pads skipped), fp32 against
+    transformers' logits on the processor's ids and pixels (1e-4); the answer rows equal
+    ``score``'s, which runs prefill + cached decode steps (1e-4)."""
+    path, hf, proc, eng = setup
+    conv = _conversations(images)["multi_turn_multi_image"]
+    answer = eng.generate_ids(conv, max_new_tokens=4, ignore_eos=True)
+    lp, targets = eng.text_logprobs(conv, answer)
+    imgs = [Image.open(it["image"].removeprefix("file://")) if isinstance(it["image"], str) else it["image"]
+            for m in conv if isinstance(m["content"], list) for it in m["content"] if it["type"] == "image"]
+    text = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    inputs = proc(text=[text], images=imgs, return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
+    inputs["input_ids"] = ids
+    inputs["attention_mask"] = torch.ones_like(ids)
+    inputs["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
+    with torch.no_grad():
+        logits = hf(**inputs).logits[0, :-1]
+    nxt = ids[0, 1:]
+    keep = nxt != hf.config.image_token_id
+    assert torch.equal(targets, nxt[keep]) and int((~keep).sum()) > 0
+    torch.testing.assert_close(lp, torch.log_softmax(logits[keep], -1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lp[-len(answer):], eng.score(conv, answer), atol=1e-4, rtol=1e-4)
