@@ -77,7 +77,8 @@ class Sample:
     # more (question, answer) pairs the same visuals answer: follow-up turns in training only
     extra: list = field(default_factory=list)
     # what was drawn, one dict per image (or one for the video): ``objects`` [(shape, colour, cx, cy,
-    # r)] and ``size`` for scenes, ``text`` for OCR, ``motion`` (shape, colour, direction) for clips.
+    # r)] and ``size`` for scenes, ``text`` for OCR, ``motion`` (shape, colour, direction), ``size``,
+    # the ``mover``'s cell (column, row) and an optional ``still`` (shape, colour, column, row) for clips.
     # Training supervises the vision tower with it directly (train_toy's auxiliary heads).
     facts: list = field(default_factory=list)
 
@@ -179,11 +180,17 @@ def _scene(rng, objects, lo=2, hi=8, cells_of_first=None, r_range=OBJECT_R):
     raise RuntimeError(f"could not place {len(objects)} objects")
 
 
-def _corner_of(w, h, cx, cy, r) -> str | None:
-    """The quadrant holding the whole object, clear of the centre lines, else None."""
-    mx, my = w / 2, h / 2
-    col = "left" if cx + r < mx else "right" if cx - r > mx else None
-    row = "top" if cy + r < my else "bottom" if cy - r > my else None
+def corner_cell(w, h, cx, cy) -> str | None:
+    """The canvas corner whose cell holds the point (cx, cy), or None off the four corner cells.
+
+    Position questions ask about objects in a corner cell only. Qwen2-VL's vision tower has no
+    absolute position embedding (its 2D rotary one is relative), and on a plain background the
+    only absolute cue a token has is which neighbours it lacks at the canvas edges; an object in
+    the middle of a quadrant lacks none. qvl-toy, trained on quadrants ("top left" anywhere in
+    that quarter), answered 22% of them (42% with one object in the picture; guessing: 25%)."""
+    i, j, a, b = int(cx // CELL), int(cy // CELL), w // CELL, h // CELL
+    col = "left" if i == 0 else "right" if i == a - 1 else None
+    row = "top" if j == 0 else "bottom" if j == b - 1 else None
     return f"{row} {col}" if row and col else None
 
 
@@ -202,7 +209,7 @@ def _extras(rng, size, objects, skip: tuple, k: int = 8) -> list[tuple[str, str]
     for shape, colour, cx, cy, r in objects:
         if counts[shape] == 1:
             qa[("colour", shape)] = colour
-            corner = _corner_of(w, h, cx, cy, r)
+            corner = corner_cell(w, h, cx, cy)
             if corner:
                 qa[("position", shape)] = corner
     qa.update({("count", s): str(n) for s, n in counts.items() if 1 <= n <= MAX_COUNT})
@@ -262,10 +269,8 @@ def _position(rng, index, seed):
     corner = rng.choice(CORNERS)
     top, left = corner.startswith("top"), corner.endswith("left")
 
-    def cells(a, b):  # cells wholly inside the corner's quadrant (an odd middle row/column is neither)
-        cols = range(a // 2) if left else range((a + 1) // 2, a)
-        rows = range(b // 2) if top else range((b + 1) // 2, b)
-        return [(i, j) for j in rows for i in cols]
+    def cells(a, b):  # the corner's cell
+        return [(0 if left else a - 1, 0 if top else b - 1)]
 
     img, objs = _scene(rng, [(s, _colour(rng)) for s in shapes], lo=2, hi=8, cells_of_first=cells)
     return _with_extras(rng, img, objs, "position", shapes[0], corner)
@@ -316,11 +321,12 @@ def _direction(rng, index, seed):
     x0, y0 = (i + 0.5) * CELL - dx * half, (j + 0.5) * CELL - dy * half
     bg, colour = _background(rng), _colour(rng)
     fill = _jitter(COLOURS[colour], rng)
-    still = None
+    still, fact = None, {"motion": (shape, colour, direction), "size": (a * CELL, b * CELL), "mover": (i, j)}
     if rng.random() < 0.5:
         other = rng.choice([s for s in SHAPES if s != shape])
-        still = (other, ((si + 0.5) * CELL, (sj + 0.5) * CELL, rng.randint(*OBJECT_R)),
-                 _jitter(COLOURS[_colour(rng)], rng))
+        r_still, still_colour = rng.randint(*OBJECT_R), _colour(rng)
+        still = (other, ((si + 0.5) * CELL, (sj + 0.5) * CELL, r_still), _jitter(COLOURS[still_colour], rng))
+        fact["still"] = (other, still_colour, si, sj)
     frames = []
     for k in range(VIDEO_FRAMES):
         img = Image.new("RGB", (a * CELL, b * CELL), bg)
@@ -329,8 +335,7 @@ def _direction(rng, index, seed):
             draw_shape(d, still[0], *still[1], still[2])
         draw_shape(d, shape, x0 + dx * MOTION_STEP * k, y0 + dy * MOTION_STEP * k, r, fill)
         frames.append(img)
-    return (frames, _ask(rng, "direction", shape), direction, [(_ask(rng, "colour", shape), colour)],
-            [{"motion": (shape, colour, direction)}])
+    return frames, _ask(rng, "direction", shape), direction, [(_ask(rng, "colour", shape), colour)], [fact]
 
 
 _MAKERS = {"shape": _shape, "colour": _colour_task, "count": _count, "position": _position, "ocr": _ocr,
@@ -359,7 +364,7 @@ def demo_pictures() -> list[tuple[Image.Image, list[tuple[str, str]]]]:
     the toy was trained on)."""
     scene = Image.new("RGB", (8 * CELL, 6 * CELL), (246, 244, 236))
     d = ImageDraw.Draw(scene)
-    for shape, colour, (i, j) in (("circle", "red", (1, 1)), ("square", "blue", (6, 4)),
+    for shape, colour, (i, j) in (("circle", "red", (1, 1)), ("square", "blue", (7, 5)),
                                   ("triangle", "green", (5, 1)), ("triangle", "orange", (2, 4))):
         draw_shape(d, shape, (i + 0.5) * CELL, (j + 0.5) * CELL, 11, COLOURS[colour])
     text = Image.new("RGB", (6 * CELL, 3 * CELL), (240, 244, 250))

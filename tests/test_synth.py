@@ -158,37 +158,86 @@ def test_dense_targets_mark_the_cell_of_each_object():
         expected = torch.zeros(rows, cols, 4, dtype=torch.long)
         expected[..., 2:] = -100
         for shape, colour, cx, cy, r in fact["objects"]:
-            corner = synth._corner_of(w, h, cx, cy, r)
-            n = sum(o[0] == shape for o in fact["objects"])
-            expected[int(cy // synth.CELL), int(cx // synth.CELL)] = torch.tensor(
-                [1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour),
-                 0 if corner is None else 1 + synth.CORNERS.index(corner), n - 1])
+            i, j = int(cx // synth.CELL), int(cy // synth.CELL)
+            corner = {(0, 0): "top left", (cols - 1, 0): "top right", (0, rows - 1): "bottom left",
+                      (cols - 1, rows - 1): "bottom right"}.get((i, j))
+            expected[j, i] = torch.tensor([1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour),
+                                           0 if corner is None else 1 + synth.CORNERS.index(corner), -100])
         assert torch.equal(dense, expected), s.id
 
 
+def test_position_questions_ask_about_an_object_in_that_corner_cell():
+    from qvl.scripts.train_toy import named_shape
+
+    for s in synth.generate(20, seed=3, tasks=("position",)):
+        (fact,) = s.facts
+        w, h = fact["size"]
+        shape, _, cx, cy, _ = fact["objects"][0]
+        col = "left" if cx < synth.CELL else "right" if cx > w - synth.CELL else None
+        row = "top" if cy < synth.CELL else "bottom" if cy > h - synth.CELL else None
+        assert s.answer == f"{row} {col}" and named_shape(s.question) == shape, s.id
+
+
+def test_clip_targets_follow_the_mover_in_every_temporal_patch():
+    from qvl.scripts.train_toy import token_targets
+
+    seen_still = False
+    for s in synth.generate(8, seed=4, tasks=("direction",)):
+        (fact,) = s.facts
+        w, h = fact["size"]
+        cols, rows = w // synth.CELL, h // synth.CELL
+        assert token_targets(fact, (2, 2 * rows, 2 * cols)) is None  # only when asked for
+        dense = token_targets(fact, (2, 2 * rows, 2 * cols), clips=True).view(2, rows, cols, 4)
+        shape, colour, direction = fact["motion"]
+        i, j = fact["mover"]
+        # the cells holding ink in frame 0: the mover's, and the still object's if there is one
+        f0 = np.asarray(s.frames[0]).astype(int)
+        ink = (np.abs(f0 - f0[0, 0]).sum(-1) > 60).reshape(rows, synth.CELL, cols, synth.CELL).any((1, 3))
+        assert ink[j, i]
+        for t in range(2):
+            assert dense[t, j, i].tolist() == [1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour),
+                                               -100, 1 + synth.DIRECTIONS.index(direction)]
+        assert int((dense[0, ..., 0] > 0).sum()) == int(ink.sum()) == 1 + ("still" in fact), s.id
+        if "still" in fact:
+            seen_still = True
+            other, _, si, sj = fact["still"]
+            assert ink[sj, si] and dense[1, sj, si, 0] == 1 + synth.SHAPES.index(other) and dense[1, sj, si, 3] == 0
+    assert seen_still
+
+
 def test_lookup_targets_point_at_the_named_objects(toy_dir):
-    """Lookup supervision: the position predicting each answer, and the vision tokens of the
-    objects its question names (every image of a compare pair)."""
+    """Lookup supervision: the position predicting each answer, the head, and the vision tokens of
+    the objects its question names plus their picture's <|vision_start|> (a compare pair: one head
+    a picture; a clip: the mover in each temporal patch)."""
     from qvl.scripts import train_toy
 
-    enc = train_toy.Encoder(toy_dir)
+    enc = train_toy.Encoder(toy_dir, "sink")
+    start = enc.tok.token_id("<|vision_start|>")
     assert train_toy.named_shape("How many crosses are there?") == "cross"
     assert train_toy.named_shape("What shape is this?") is None
-    for task in ("colour", "count", "compare"):
+    for task in ("colour", "count", "compare", "direction"):
         s = synth.make_sample(task, 3, seed=5)
         e = enc(s)
-        p, where = e.lookups[0]
-        assert e.labels[p] == -100 and e.labels[p + 1] != -100  # p predicts the first answer token
         named = train_toy.named_shape(s.question)
-        pads = [i for i, t in enumerate(e.ids) if t == enc.image_id]
-        assert set(where) <= set(pads)
+        first = [lk for lk in e.lookups if lk[0] == e.lookups[0][0]]  # the first answer's lookups
+        assert sorted(head for _, head, _ in first) == ([0, 1] if task == "compare" else [0]), s.id
+        pad = enc.video_id if task == "direction" else enc.image_id
+        pads = [i for i, t in enumerate(e.ids) if t == pad]
+        objs = []
+        for p, _, where in first:
+            assert e.labels[p] == -100 and e.labels[p + 1] != -100  # p predicts the first answer token
+            *mine, sink = where
+            assert e.ids[sink] == start and set(mine) <= set(pads) and min(mine) > sink
+            objs += mine
+        if task == "direction":
+            assert len(objs) == 2  # the mover, in both temporal patches
+            continue
         drawn = [o for f in s.facts for o in f["objects"] if o[0] == named]
-        assert len(where) == len(drawn) > 0, s.id
+        assert len(objs) == len(drawn) > 0, s.id
         # the token of each named object is its cell's: row-major over each image's cell grid
-        first = s.facts[0]
-        cols = first["size"][0] // synth.CELL
-        for _, _, cx, cy, _ in [o for o in first["objects"] if o[0] == named]:
-            assert pads[int(cy // synth.CELL) * cols + int(cx // synth.CELL)] in where
+        cols = s.facts[0]["size"][0] // synth.CELL
+        for _, _, cx, cy, _ in [o for o in s.facts[0]["objects"] if o[0] == named]:
+            assert pads[int(cy // synth.CELL) * cols + int(cx // synth.CELL)] in objs
 
 
 def test_aux_targets_follow_what_was_drawn():
@@ -206,3 +255,20 @@ def test_aux_targets_follow_what_was_drawn():
     assert (t["text"], t["tens"], t["units"]) == (0, 0, 7)
     t = dict(zip(AUX_NAMES, aux_targets({"text": "cat"})))
     assert t["text"] == WORD_CLASSES.index("cat") and t["units"] == -100
+
+
+def test_mass_lookups_name_every_object_of_the_shape_on_one_head(toy_dir):
+    """Session 4's lookup form: head 0, the named shape's tokens in every picture, no sink, no
+    lookups into clips."""
+    from qvl.scripts import train_toy
+
+    enc = train_toy.Encoder(toy_dir, "mass")
+    for task in ("colour", "count", "compare"):
+        s = synth.make_sample(task, 3, seed=5)
+        e = enc(s)
+        (p, head, where), *_ = e.lookups
+        named = train_toy.named_shape(s.question)
+        drawn = [o for f in s.facts for o in f["objects"] if o[0] == named]
+        assert head == 0 and len(where) == len(drawn) and all(e.ids[q] == enc.image_id for q in where), s.id
+        assert all(lk[0] != p for lk in e.lookups[1:])  # one lookup per answer
+    assert enc(synth.make_sample("direction", 3, seed=5)).lookups == []

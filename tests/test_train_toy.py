@@ -1,5 +1,5 @@
 """The training script end to end, a few steps, with the opt-in experiments on (lookup
-supervision, object facts): the checkpoint it saves is plain Qwen2-VL (SDPA attention in its
+supervision, dense facts): the checkpoint it saves is plain Qwen2-VL (SDPA attention in its
 config) and qvl loads it."""
 
 import json
@@ -23,9 +23,51 @@ def test_two_training_steps_save_a_checkpoint_qvl_loads(tmp_path, monkeypatch):
     torch.manual_seed(0)
     out = tmp_path / "toy"
     run = train_toy.train(out, train_toy.Settings(steps=2, batch_size=4, eval_n=1, eval_every=1000,
-                                                  curriculum=False, lookup_weight=1.0, object_facts=True))
-    assert run["steps"] == 2 and run["lookup_weight"] == 1.0 and run["object_facts"] and sum(seen) > 0
+                                                  curriculum=False, lookup_weight=1.0, dense_facts=True))
+    assert run["steps"] == 2 and run["lookup_weight"] == 1.0 and run["dense_facts"] and sum(seen) > 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("_attn_implementation", cfg.get("attn_implementation")) in (None, "sdpa")
     s = synth.make_sample("colour", 0, seed=1)
     assert isinstance(qvl.load(out).generate(s.messages(), max_new_tokens=2), str)
+
+
+def test_lookup_targets_and_probe_match_transformers_attention():
+    """The lookup supervision's targets name the right tokens, and the probe's recomputed
+    attention rows (SDPA kept for the model) equal the eager attention probabilities transformers
+    returns, fp32: 1e-5 absolute or 2e-6 relative on the mean log-probability of the supervised
+    keys (the untrained toy gives some of them e^-34, where eager softmax-then-log loses digits)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    ckpt = train_toy.Path(qvl.__file__).parent / "scripts" / "qvl-toy"
+    enc = train_toy.Encoder(ckpt, "sink")
+    tok = enc.tok
+    start = tok.token_id("<|vision_start|>")
+    cmp = enc(synth.make_sample("compare", 3, seed=1), follow_ups=False)
+    cnt = enc(synth.make_sample("count", 4, seed=1))
+    assert sorted(h for _, h, _ in cmp.lookups) == [0, 1]
+    for e, s in ((cmp, synth.make_sample("compare", 3, seed=1)), (cnt, synth.make_sample("count", 4, seed=1))):
+        for p, head, where in e.lookups:
+            *objs, sink = where
+            assert e.ids[sink] == start and all(e.ids[q] == enc.image_id for q in objs) and p > max(where)
+    # the count sample's first lookup holds as many object tokens as the answer says
+    assert len(cnt.lookups[0][2]) - 1 == int(synth.make_sample("count", 4, seed=1).answer)
+    # each compare head looks inside its own picture: sinks differ, objects follow their sink
+    (_, _, w0), (_, _, w1) = sorted(cmp.lookups, key=lambda x: x[1])
+    assert w0[-1] < min(w0[:-1]) and w0[-1] < w1[-1] < min(w1[:-1]) and max(w0[:-1]) < w1[-1]
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
+    probe = train_toy.LookupProbe(model)
+    inputs = enc.collate([cmp, cnt])
+    inputs.pop("labels")
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[train_toy.LOOKUP_LAYER]
+        checked = 0
+        for b, e in enumerate((cmp, cnt)):
+            for p, head, where in e.lookups:
+                want = -torch.log(att[b, head, p, where]).mean()
+                torch.testing.assert_close(probe.loss(b, p, head, where), want, atol=1e-5, rtol=2e-6)
+                mass = -torch.log(att[b, head, p, where].sum())
+                torch.testing.assert_close(probe.loss(b, p, head, where, "mass"), mass, atol=1e-5, rtol=2e-6)
+                checked += 1
+    probe.close()
+    assert checked >= 3
