@@ -493,13 +493,18 @@ def plot_results(summary: dict, path) -> None:
 
     models = summary["models"]
     tasks = summary["tasks"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.22 * len(models)), gridspec_kw={"width_ratios": [1, 1.6]})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^vP*X"
     for k, r in enumerate(models):
         if r["accuracy"] is None:
             continue
-        label = r["name"] + ("" if k == 0 else f"  (KL {_fmt(r['kl'], '.1e')}, top-1 {_fmt(r['top1'], '.3f')})")
+        if k == 0:
+            label = r["name"]
+        elif r.get("kl_text") is not None:  # the steadier figure when it was measured
+            label = f"{r['name']}  (KL text {_fmt(r['kl_text'], '.1e')}, top-1 {_fmt(r['top1_text'], '.3f')})"
+        else:
+            label = f"{r['name']}  (KL {_fmt(r['kl'], '.1e')}, top-1 {_fmt(r['top1'], '.3f')})"
         # shrinking markers keep models that land on the same point (one checkpoint, two
         # precisions of the same accuracy) visible
         ax1.scatter(r["loaded_weights_mb"], 100 * r["accuracy"], s=max(160 - 30 * k, 25), zorder=3 + k,
@@ -511,7 +516,8 @@ def plot_results(summary: dict, path) -> None:
     ax1.set_ylabel("accuracy, mean over tasks (%)")
     ax1.set_title(f"accuracy vs size (reference: {models[0]['name']})")
     ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=7, loc="best")
+    # below the axes: inside, it hid points that land near a corner
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     width = 0.8 / max(len(models), 1)
     for k, r in enumerate(models):
         vals = [100 * r["tasks"][t] if r["tasks"].get(t) is not None else 0 for t in tasks]

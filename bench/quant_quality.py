@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from qvl.bench.core import cache_root
-    from qvl.bench.eval import evaluate
+    from qvl.bench.eval import evaluate, plot_results
 
     model = pathlib.Path(args.model)
     work = cache_root() / "quant-quality"
@@ -99,6 +99,10 @@ def main(argv=None) -> int:
                   out / "quant-quality-eval", in_process=args.in_process, text_kl=True)
     for m, name in zip(ev["models"], ["float"] + list(exports)):
         m["name"] = name
+    try:  # again, with the schemes' names instead of the artifacts' directory names
+        plot_results(ev, out / "quant-quality-eval" / "accuracy_vs_size.png")
+    except ImportError:
+        pass
     result = {"model": model.name, "group_size": args.group_size, "calib_samples": args.calib_samples,
               "date": time.strftime("%Y-%m-%d"), "exports": exports, "eval": ev,
               "total_s": round(time.perf_counter() - t0, 1)}
