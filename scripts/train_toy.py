@@ -130,8 +130,6 @@ class Encoder:
             text, ids, pv, grids = req.text, req.ids, req.pixel_values, req.grids
         labels = [-100] * len(ids)
         objects = object_positions(s.facts, ids, vgrids or grids, self.video_id if s.frames else self.image_id)
-        if s.frames and self.lookup_mode == "mass":  # session 4's form had no lookups into clips
-            objects = []
         lookups = []
         conv, done = list(msgs), text  # `done`: the template text whose tokens are in `ids`
         for k, (question, answer) in enumerate([(s.question, s.answer)] + (s.extra if follow_ups else [])):
@@ -314,10 +312,12 @@ def lookup_targets(task: str, named: str | None, objects, mode: str = "sink") ->
     picture its own head, so both counts reach the answer side by side.
 
     ``mode="mass"`` is session 4's form: head 0 only, the named objects of every picture, no sink
-    (LookupProbe then supervises the attention mass on them, not its spread)."""
+    (LookupProbe then supervises the attention mass on them, not its spread), and none into clips."""
     if named is None:
         return []
     if mode == "mass":
+        if task in synth.VIDEO_TASKS:
+            return []
         where = [pos for pos, shape, _ in objects if shape == named]
         return [(LOOKUP_HEADS[0], where)] if where else []
     sinks = sorted({sink for _, _, sink in objects})
