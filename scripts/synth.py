@@ -292,7 +292,9 @@ def _ocr(rng, index, seed):
     img = Image.new("RGB", (a * CELL, b * CELL), _background(rng))
     ink = _jitter(rng.choice([(20, 20, 20), (30, 40, 150), (140, 20, 20), (20, 90, 30)]), rng)
     ImageDraw.Draw(img).text((i * CELL + 2 - x0, (j + 0.5) * CELL - (y0 + y1) / 2), text, font=font, fill=ink)
-    return [img], _ask(rng, "ocr"), text, [], [{"text": text}]
+    # the cells of the text's box (columns i..i+need-1 of row j; the last may hold only its 4 px
+    # margin): train_toy puts the word on their tokens
+    return [img], _ask(rng, "ocr"), text, [], [{"text": text, "size": img.size, "cells": (i, j, need)}]
 
 
 def _compare(rng, index, seed):

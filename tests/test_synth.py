@@ -147,23 +147,72 @@ def test_scenes_sit_on_the_token_grid_and_the_processor_keeps_their_size(toy_dir
                 assert int((cy - r) // synth.CELL) == int((cy + r) // synth.CELL)
 
 
-def test_dense_targets_mark_the_cell_of_each_object():
-    from qvl.scripts.train_toy import token_targets
+def _ink(img, rows: int, cols: int):
+    """[rows, cols] which token cells hold anything but the background (the top-left pixel)."""
+    f = np.asarray(img).astype(int)
+    return (np.abs(f - f[0, 0]).sum(-1) > 60).reshape(rows, synth.CELL, cols, synth.CELL).any((1, 3))
 
+
+def test_dense_targets_mark_the_cell_of_each_object():
+    from qvl.scripts.train_toy import DENSE_NAMES, token_targets
+
+    c = {n: k for k, n in enumerate(DENSE_NAMES)}
     for s in synth.generate(6, seed=2, tasks=("count", "colour", "position")):
         (fact,) = s.facts
         w, h = fact["size"]
         cols, rows = w // synth.CELL, h // synth.CELL
-        dense = token_targets(fact, (1, 2 * rows, 2 * cols)).view(rows, cols, 4)
-        expected = torch.zeros(rows, cols, 4, dtype=torch.long)
-        expected[..., 2:] = -100
+        dense = token_targets(fact, (1, 2 * rows, 2 * cols), more=True).view(rows, cols, len(DENSE_NAMES))
+        expected = torch.full((rows, cols, len(DENSE_NAMES)), -100, dtype=torch.long)
+        expected[..., c["shape"]] = expected[..., c["colour"]] = 0
+        for j in range(rows):
+            for i in range(cols):
+                expected[j, i, c["edge"]] = 3 * (0 if j == 0 else 2 if j == rows - 1 else 1) + (
+                    0 if i == 0 else 2 if i == cols - 1 else 1)
         for shape, colour, cx, cy, r in fact["objects"]:
             i, j = int(cx // synth.CELL), int(cy // synth.CELL)
             corner = {(0, 0): "top left", (cols - 1, 0): "top right", (0, rows - 1): "bottom left",
                       (cols - 1, rows - 1): "bottom right"}.get((i, j))
-            expected[j, i] = torch.tensor([1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour),
-                                           0 if corner is None else 1 + synth.CORNERS.index(corner), -100])
+            expected[j, i, c["shape"]] = 1 + synth.SHAPES.index(shape)
+            expected[j, i, c["colour"]] = 1 + list(synth.COLOURS).index(colour)
+            expected[j, i, c["corner"]] = 0 if corner is None else 1 + synth.CORNERS.index(corner)
+            expected[j, i, c["count"]] = sum(o[0] == shape for o in fact["objects"])
         assert torch.equal(dense, expected), s.id
+        # without ``more`` (the committed qvl-toy's recipe): the same first four columns, no others
+        expected[..., c["edge"]:] = -100
+        assert torch.equal(token_targets(fact, (1, 2 * rows, 2 * cols)).view(rows, cols, -1), expected), s.id
+        assert int((dense[..., c["shape"]] > 0).sum()) == int(_ink(s.images[0], rows, cols).sum()), s.id
+        if s.task == "count":  # the answer sits on every token of the shape asked about
+            assert set(dense[dense[..., c["count"]] == int(s.answer)][:, c["shape"]].tolist()) >= {
+                1 + next(k for k, sh in enumerate(synth.SHAPES) if synth.PLURAL[sh] in s.question
+                         or sh in s.question)}, s.id
+
+
+def test_text_targets_cover_the_cells_with_ink():
+    from qvl.scripts.train_toy import DENSE_NAMES, WORD_CLASSES, token_targets
+
+    c = {n: k for k, n in enumerate(DENSE_NAMES)}
+    seen = set()
+    for s in synth.generate(12, seed=6, tasks=("ocr",)):
+        (fact,) = s.facts
+        w, h = fact["size"]
+        cols, rows = w // synth.CELL, h // synth.CELL
+        assert token_targets(fact, (1, 2 * rows, 2 * cols)) is None  # only with ``more``
+        dense = token_targets(fact, (1, 2 * rows, 2 * cols), more=True).view(rows, cols, len(DENSE_NAMES))
+        word = dense[..., c["word"]]
+        # the cells of the text's box (its width + 4 px, from the first inked cell): every inked
+        # cell, and at most one empty one after the last
+        marked, ink = (word != -100).numpy(), _ink(s.images[0], rows, cols)
+        (j,), cells = set(np.nonzero(marked)[0]), np.nonzero(marked[np.nonzero(marked)[0][0]])[0]
+        assert (marked >= ink).all() and ink[j, cells[0]] and ink[j].sum() >= len(cells) - 1, s.id
+        assert list(cells) == list(range(cells[0], cells[0] + len(cells))), s.id
+        want = 0 if s.answer.isdigit() else WORD_CLASSES.index(s.answer)
+        assert set(word[word != -100].tolist()) == {want}, s.id
+        if s.answer.isdigit():
+            units = dense[..., c["units"]]
+            assert set(units[units != -100].tolist()) == {int(s.answer[-1])}, s.id
+        assert (dense[..., c["shape"]] == 0).all() and (dense[..., c["colour"]] == -100).all()
+        seen.add(s.answer.isdigit())
+    assert seen == {True, False}
 
 
 def test_position_questions_ask_about_an_object_in_that_corner_cell():
@@ -179,29 +228,32 @@ def test_position_questions_ask_about_an_object_in_that_corner_cell():
 
 
 def test_clip_targets_follow_the_mover_in_every_temporal_patch():
-    from qvl.scripts.train_toy import token_targets
+    from qvl.scripts.train_toy import DENSE_NAMES, token_targets
 
+    c = {n: k for k, n in enumerate(DENSE_NAMES)}
+    cols4 = [c["shape"], c["colour"], c["corner"], c["motion"]]
     seen_still = False
     for s in synth.generate(8, seed=4, tasks=("direction",)):
         (fact,) = s.facts
         w, h = fact["size"]
         cols, rows = w // synth.CELL, h // synth.CELL
         assert token_targets(fact, (2, 2 * rows, 2 * cols)) is None  # only when asked for
-        dense = token_targets(fact, (2, 2 * rows, 2 * cols), clips=True).view(2, rows, cols, 4)
+        dense = token_targets(fact, (2, 2 * rows, 2 * cols), clips=True).view(2, rows, cols, len(DENSE_NAMES))
         shape, colour, direction = fact["motion"]
         i, j = fact["mover"]
         # the cells holding ink in frame 0: the mover's, and the still object's if there is one
-        f0 = np.asarray(s.frames[0]).astype(int)
-        ink = (np.abs(f0 - f0[0, 0]).sum(-1) > 60).reshape(rows, synth.CELL, cols, synth.CELL).any((1, 3))
+        ink = _ink(s.frames[0], rows, cols)
         assert ink[j, i]
         for t in range(2):
-            assert dense[t, j, i].tolist() == [1 + synth.SHAPES.index(shape), 1 + list(synth.COLOURS).index(colour),
-                                               -100, 1 + synth.DIRECTIONS.index(direction)]
-        assert int((dense[0, ..., 0] > 0).sum()) == int(ink.sum()) == 1 + ("still" in fact), s.id
+            assert dense[t, j, i, cols4].tolist() == [1 + synth.SHAPES.index(shape),
+                                                      1 + list(synth.COLOURS).index(colour),
+                                                      -100, 1 + synth.DIRECTIONS.index(direction)]
+        assert int((dense[0, ..., c["shape"]] > 0).sum()) == int(ink.sum()) == 1 + ("still" in fact), s.id
         if "still" in fact:
             seen_still = True
             other, _, si, sj = fact["still"]
-            assert ink[sj, si] and dense[1, sj, si, 0] == 1 + synth.SHAPES.index(other) and dense[1, sj, si, 3] == 0
+            assert ink[sj, si] and dense[1, sj, si, c["shape"]] == 1 + synth.SHAPES.index(other)
+            assert dense[1, sj, si, c["motion"]] == 0
     assert seen_still
 
 
@@ -258,8 +310,8 @@ def test_aux_targets_follow_what_was_drawn():
 
 
 def test_mass_lookups_name_every_object_of_the_shape_on_one_head(toy_dir):
-    """Session 4's lookup form: head 0, the named shape's tokens in every picture, no sink, no
-    lookups into clips."""
+    """The default lookup form: head 0, the named shape's tokens in every picture, no sink, no
+    lookups into clips or texts."""
     from qvl.scripts import train_toy
 
     enc = train_toy.Encoder(toy_dir, "mass")
@@ -272,3 +324,38 @@ def test_mass_lookups_name_every_object_of_the_shape_on_one_head(toy_dir):
         assert head == 0 and len(where) == len(drawn) and all(e.ids[q] == enc.image_id for q in where), s.id
         assert all(lk[0] != p for lk in e.lookups[1:])  # one lookup per answer
     assert enc(synth.make_sample("direction", 3, seed=5)).lookups == []
+    assert enc(synth.make_sample("ocr", 3, seed=5)).lookups == []
+
+
+def test_answer_lookups_name_every_token_the_answer_is_on(toy_dir):
+    """``--lookup-mode answer``: no sink; head 0 on the named shape's tokens (a clip's mover in
+    both temporal patches, a text's cells), one head a picture for compare."""
+    from qvl.scripts import train_toy
+
+    enc = train_toy.Encoder(toy_dir, "answer")
+    for task in ("colour", "count", "compare", "direction", "ocr"):
+        s = synth.make_sample(task, 3, seed=5)
+        e = enc(s)
+        p = e.lookups[0][0]
+        first = sorted((head, where) for q, head, where in e.lookups if q == p)
+        assert all(lk[0] > p for lk in e.lookups[len(first):])  # the follow-ups' come after
+        pad = enc.video_id if task == "direction" else enc.image_id
+        pads = [i for i, t in enumerate(e.ids) if t == pad]
+        assert all(q in pads for _, where in first for q in where), s.id
+        if task == "ocr":
+            (head, where), = first
+            assert head == 0 and len(where) == s.facts[0]["cells"][2]
+            continue
+        if task == "direction":
+            (head, where), = first
+            assert head == 0 and len(where) == 2  # the mover, in both temporal patches
+            continue
+        named = train_toy.named_shape(s.question)
+        per_picture = [sum(o[0] == named for o in f["objects"]) for f in s.facts]
+        if task == "compare":
+            assert [h for h, _ in first] == [0, 1], s.id
+            # head k looks only inside picture k: every token of picture 0 comes before picture 1's
+            assert [len(w) for _, w in first] == per_picture and max(first[0][1]) < min(first[1][1])
+        else:
+            (head, where), = first
+            assert head == 0 and len(where) == sum(per_picture), s.id

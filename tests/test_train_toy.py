@@ -1,6 +1,6 @@
-"""The training script end to end, a few steps, with the opt-in experiments on (lookup
-supervision, dense facts): the checkpoint it saves is plain Qwen2-VL (SDPA attention in its
-config) and qvl loads it."""
+"""The training script end to end, a few steps, with every supervision on (lookups into the tokens
+that hold each answer, all dense facts): the checkpoint it saves is plain Qwen2-VL (SDPA attention
+in its config) and qvl loads it."""
 
 import json
 
@@ -22,9 +22,15 @@ def test_two_training_steps_save_a_checkpoint_qvl_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(train_toy.Encoder, "__call__", spy)
     torch.manual_seed(0)
     out = tmp_path / "toy"
-    run = train_toy.train(out, train_toy.Settings(steps=2, batch_size=4, eval_n=1, eval_every=1000,
-                                                  curriculum=False, lookup_weight=1.0, dense_facts=True))
-    assert run["steps"] == 2 and run["lookup_weight"] == 1.0 and run["dense_facts"] and sum(seen) > 0
+    run = train_toy.train(out, train_toy.Settings(steps=2, batch_size=4, eval_n=1, eval_every=1,
+                                                  curriculum=False, lookup_weight=1.0, lookup_mode="answer",
+                                                  dense_facts=True, more_facts=True))
+    assert run["steps"] == 2 and run["lookup_weight"] == 1.0 and run["more_facts"] and sum(seen) > 0
+    # the held-out evaluation scores the tower on every dense column the seven tasks have targets
+    # for (tens and units only when the one text is a number)
+    tower = run["history"][0]["tower"]
+    assert set(train_toy.DENSE_NAMES) - {"tens", "units"} <= set(tower) <= set(train_toy.DENSE_NAMES)
+    assert all(0 <= a <= 1 for a in tower.values())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("_attn_implementation", cfg.get("attn_implementation")) in (None, "sdpa")
     s = synth.make_sample("colour", 0, seed=1)
