@@ -77,3 +77,32 @@ def test_lookup_targets_and_probe_match_transformers_attention():
                 checked += 1
     probe.close()
     assert checked >= 3
+
+
+def test_tower_accuracy_counts_the_tokens_each_dense_column_gets_right(monkeypatch):
+    """tower_accuracy against tokens built to hold their own targets: every column right; with the
+    targets moved to another class, none (tokens without a target in a column are not scored)."""
+    enc = train_toy.Encoder(train_toy.Path(qvl.__file__).parent / "scripts" / "qvl-toy", "answer")
+    examples = [enc(s, follow_ups=False) for s in synth.generate(2, seed=7)]
+    heads = train_toy.AuxHeads(sum(train_toy.DENSE.values()), dense_facts=True, more_facts=True)
+    heads.norm = heads.dense = torch.nn.Identity()
+
+    def tokens_for(shift):
+        def features(model, inputs):
+            inputs.pop("pixel_values", None)
+            inputs.pop("pixel_values_videos", None)
+            out = []
+            ordered = [e for e in examples if e.pixel_values is not None]  # images, then clips
+            for e in ordered + [e for e in examples if e.video_values is not None]:
+                for _, dense in train_toy.example_aux(e, True, True):
+                    parts = [torch.nn.functional.one_hot((dense[:, k].clamp(min=0) + shift) % n, n).float()
+                             for k, n in enumerate(train_toy.DENSE.values())]
+                    out.append(torch.cat(parts, 1))
+            return out
+        return features
+
+    for shift, want in ((0, 1.0), (1, 0.0)):
+        monkeypatch.setattr(train_toy, "visual_features", tokens_for(shift))
+        acc = train_toy.tower_accuracy(torch.nn.Module(), heads, enc, examples, more=True,
+                                       batch_size=len(examples))
+        assert set(acc) == set(train_toy.DENSE_NAMES) and all(a == want for a in acc.values()), acc
