@@ -479,6 +479,13 @@ def example_aux(e: Example, clips: bool = False, more: bool = False
     return e.aux
 
 
+def aux_rows(examples: list[Example], clips: bool = False, more: bool = False
+             ) -> list[tuple[list[int], torch.Tensor | None]]:
+    """example_aux's rows in the order visual_features returns merged tokens: images, then clips."""
+    return ([row for e in examples if e.pixel_values is not None for row in example_aux(e, clips, more)]
+            + [row for e in examples if e.video_values is not None for row in example_aux(e, clips, more)])
+
+
 class Stream:
     """Endless training examples: tasks drawn by ``TASK_WEIGHTS``, each task's samples in index order."""
 
@@ -537,9 +544,7 @@ def tower_accuracy(model, heads: AuxHeads, enc: Encoder, examples: list[Example]
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         inputs = enc.collate(chunk)
-        rows = [row for e in chunk if e.pixel_values is not None for row in example_aux(e, True, more)]
-        rows += [row for e in chunk if e.video_values is not None for row in example_aux(e, True, more)]
-        for tokens, (_, dense) in zip(visual_features(model, inputs), rows, strict=True):
+        for tokens, (_, dense) in zip(visual_features(model, inputs), aux_rows(chunk, True, more), strict=True):
             if dense is None:
                 continue
             parts = heads.dense(heads.norm(tokens)).split(heads.splits, dim=1)
@@ -702,9 +707,7 @@ def train(out: Path, st: Settings) -> dict:
             labels = inputs.pop("labels")
             loss = torch.zeros(())
             if heads is not None:
-                facts = st.dense_facts, st.more_facts
-                rows = [row for e in part if e.pixel_values is not None for row in example_aux(e, *facts)]
-                rows += [row for e in part if e.video_values is not None for row in example_aux(e, *facts)]
+                rows = aux_rows(part, st.dense_facts, st.more_facts)
                 for tokens, (row, dense) in zip(visual_features(model, inputs), rows, strict=True):
                     l_aux, hit = heads(tokens, row, dense)
                     loss = loss + st.aux_weight * l_aux / n_aux
