@@ -243,6 +243,7 @@ DENSE = {"shape": len(synth.SHAPES) + 1, "colour": len(synth.COLOURS) + 1, "corn
          "motion": len(synth.DIRECTIONS) + 1, "edge": 9, "count": synth.MAX_COUNT + 1,
          "word": len(WORD_CLASSES), "tens": 11, "units": 10}
 DENSE_NAMES = tuple(DENSE)
+_COLUMN = {n: k for k, n in enumerate(DENSE_NAMES)}
 
 
 def _edges(th: int, tw: int) -> torch.Tensor:
@@ -280,7 +281,7 @@ def token_targets(fact: dict, grid: tuple[int, int, int], merge: int = 2, clips:
     th, tw = gh // merge, gw // merge
     colours = list(synth.COLOURS)
     out = torch.full((t, th * tw, len(DENSE)), -100, dtype=torch.long)
-    col = {n: k for k, n in enumerate(DENSE_NAMES)}
+    col = _COLUMN
     if more:
         out[..., col["edge"]] = _edges(th, tw)
     if "objects" in fact:
@@ -310,9 +311,9 @@ def token_targets(fact: dict, grid: tuple[int, int, int], merge: int = 2, clips:
     elif "cells" in fact and more:
         out[..., col["shape"]] = 0  # letters are not shapes
         i, j, n = fact["cells"]
-        a = aux_targets(fact)
-        for name in ("word", "tens", "units"):
-            out[:, j * tw + i: j * tw + i + n, col[name]] = a[AUX_NAMES.index(name if name != "word" else "text")]
+        pooled = dict(zip(AUX_NAMES, aux_targets(fact)))
+        for name, head in (("word", "text"), ("tens", "tens"), ("units", "units")):
+            out[:, j * tw + i: j * tw + i + n, col[name]] = pooled[head]
     else:
         return None
     return out.view(-1, len(DENSE))
@@ -427,7 +428,6 @@ class AuxHeads(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(dim)
         self.query = torch.nn.Parameter(torch.randn(len(AUX_NAMES), dim) * dim**-0.5)
         self.out = torch.nn.ModuleList(torch.nn.Linear(dim, AUX_CLASSES[n]) for n in AUX_NAMES)
-        self.n_shape = len(synth.SHAPES) + 1
         self.splits = tuple(DENSE.values())[: len(DENSE) if more_facts else 4 if dense_facts else 2]
         self.dense = torch.nn.Linear(dim, sum(self.splits))
 
