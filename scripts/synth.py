@@ -143,6 +143,21 @@ CELL = 28
 MAX_CELLS = 64  # 224 x 224 pixels: the toy's max_pixels
 OBJECT_R = (9, 11)  # radius range; with JITTER the object stays 2 px inside its cell
 JITTER = 1.0
+# Scenes have a thin frame at the canvas edge. Qwen2-VL's vision tower knows only relative
+# positions (2D rotary), and a plain canvas gives every background token the same value, so a
+# token's absolute place reaches it only through which neighbours are missing, by way of the
+# softmax normaliser: session 6's readout found the tower's corner column at its class prior after
+# 1,500 steps. The frame puts the edge into the pixels of the cells along it, where a corner is
+# as local as a shape: with it the column was right on every held-out token by step 300. It
+# stays outside the objects (they keep 2 px from their cell's border).
+FRAME, FRAME_RGB = 2, (96, 96, 96)
+
+
+def _frame(img: Image.Image) -> None:
+    if not FRAME:
+        return
+    w, h = img.size
+    ImageDraw.Draw(img).rectangle((0, 0, w - 1, h - 1), outline=FRAME_RGB, width=FRAME)
 
 
 def _cells(rng, lo: int = 2, hi: int = 8, min_cells: int = 1, max_ratio: float = 2.5) -> tuple[int, int]:
@@ -168,6 +183,7 @@ def _scene(rng, objects, lo=2, hi=8, cells_of_first=None, r_range=OBJECT_R):
         rest = [c for c in free if c != spots[0]]
         spots += rng.sample(rest, len(objects) - 1)
         img = Image.new("RGB", (a * CELL, b * CELL), _background(rng))
+        _frame(img)
         d = ImageDraw.Draw(img)
         placed = []
         for (shape, colour), (i, j) in zip(objects, spots):
@@ -188,7 +204,7 @@ def corner_cell(w, h, cx, cy) -> str | None:
     only absolute cue a token has is which neighbours it lacks at the canvas edges; an object in
     the middle of a quadrant lacks none. Session 3's qvl-toy, trained on quadrants ("top left"
     anywhere in that quarter), answered 22% of them (42% with one object in the picture; guessing:
-    25%); the corner-cell model answers 62%."""
+    25%); the corner-cell model answered 62%, and 98% once scenes had a FRAME."""
     i, j, a, b = int(cx // CELL), int(cy // CELL), w // CELL, h // CELL
     col = "left" if i == 0 else "right" if i == a - 1 else None
     row = "top" if j == 0 else "bottom" if j == b - 1 else None
@@ -366,6 +382,7 @@ def demo_pictures() -> list[tuple[Image.Image, list[tuple[str, str]]]]:
     """Two fixed pictures for ``qvl demo``, each with questions and what was drawn (on the cell grid
     the toy was trained on)."""
     scene = Image.new("RGB", (8 * CELL, 6 * CELL), (246, 244, 236))
+    _frame(scene)
     d = ImageDraw.Draw(scene)
     for shape, colour, (i, j) in (("circle", "red", (1, 1)), ("square", "blue", (7, 5)),
                                   ("triangle", "green", (5, 1)), ("triangle", "orange", (2, 4))):
@@ -375,6 +392,7 @@ def demo_pictures() -> list[tuple[Image.Image, list[tuple[str, str]]]]:
     x0, y0, _, y1 = font.getbbox("robot")
     ImageDraw.Draw(text).text((CELL + 2 - x0, 1.5 * CELL - (y0 + y1) / 2), "robot", font=font, fill=(30, 40, 150))
     single = Image.new("RGB", (4 * CELL, 3 * CELL), (240, 246, 240))
+    _frame(single)
     draw_shape(ImageDraw.Draw(single), "star", 2.5 * CELL, 1.5 * CELL, 11, COLOURS["purple"])
     return [
         (scene, [("How many triangles are there?", "2"), ("What colour is the circle?", "red"),

@@ -64,12 +64,11 @@ def test_demo_uses_the_default_model(tmp_path):
     assert r.returncode == 0, r.stderr
     if (TOY_MODEL / "config.json").exists():
         assert f"model: {TOY_MODEL}" in r.stdout
-        # the trained default sees: what the whole picture shows (its shape, its text) is read right;
-        # the questions about one named object are at the model card's accuracy, so only well-formed
+        # the trained default sees: it answers all five questions about the demo's pictures as drawn
+        # (a count, a colour, a corner, a shape, a text; fixed weights, fp32)
         pairs = re.findall(r"^A: '(.*)'  \(drawn: (.*)\)$", r.stdout, flags=re.M)
         assert len(pairs) == 5, r.stdout
-        assert pairs[3] == ("star", "star") and pairs[4] == ("robot", "robot"), r.stdout
-        assert all(a in synth.ANSWERS for a, _ in pairs), r.stdout
+        assert all(a == drawn and a in synth.ANSWERS for a, drawn in pairs), r.stdout
     else:
         assert (tmp_path / "tiny-default" / "config.json").exists()
 

@@ -148,9 +148,28 @@ def test_scenes_sit_on_the_token_grid_and_the_processor_keeps_their_size(toy_dir
 
 
 def _ink(img, rows: int, cols: int):
-    """[rows, cols] which token cells hold anything but the background (the top-left pixel)."""
+    """[rows, cols] which token cells hold anything but the background (the pixel just inside the
+    top-left corner) and a scene's frame."""
     f = np.asarray(img).astype(int)
-    return (np.abs(f - f[0, 0]).sum(-1) > 60).reshape(rows, synth.CELL, cols, synth.CELL).any((1, 3))
+    ink = np.abs(f - f[synth.FRAME, synth.FRAME]).sum(-1) > 60
+    ink[: synth.FRAME] = ink[-synth.FRAME:] = ink[:, : synth.FRAME] = ink[:, -synth.FRAME:] = False
+    return ink.reshape(rows, synth.CELL, cols, synth.CELL).any((1, 3))
+
+
+def test_scenes_have_a_frame_that_no_object_touches():
+    """Every scene's outermost FRAME pixels are the frame's colour, whatever is drawn (objects keep
+    2 px from their cell's border), so a corner cell shows its corner; texts and clips have none."""
+    frame = np.array(synth.FRAME_RGB)
+    for s in synth.generate(6, seed=7):
+        for im in s.images + s.frames:
+            f = np.asarray(im).astype(int)
+            border = np.concatenate([f[: synth.FRAME].reshape(-1, 3), f[-synth.FRAME:].reshape(-1, 3),
+                                     f[:, : synth.FRAME].reshape(-1, 3), f[:, -synth.FRAME:].reshape(-1, 3)])
+            if s.task in ("ocr", "direction"):
+                assert (np.abs(border - frame).sum(-1) > 60).all(), s.id
+                continue
+            assert (border == frame).all(), s.id  # objects, drawn after it, never cover it
+            assert np.abs(f[synth.FRAME, synth.FRAME] - frame).sum() > 200, s.id  # background inside
 
 
 def test_dense_targets_mark_the_cell_of_each_object():
@@ -359,3 +378,56 @@ def test_answer_lookups_name_every_token_the_answer_is_on(toy_dir):
         else:
             (head, where), = first
             assert head == 0 and len(where) == sum(per_picture), s.id
+
+
+def test_count_lookups_add_counting_heads_with_the_sink(toy_dir):
+    """``--lookup-mode count``: head 0's mass on the named shape's tokens for every turn (clips
+    too, the mover in both temporal patches); count turns add a counting head over the named tokens
+    and the picture's <|vision_start|> (listed COUNT_SINK times), compare one counting head a picture. Each turn
+    is classed by its own question, so a scene's follow-up count questions get the counting head."""
+    from qvl.scripts import train_toy
+
+    enc = train_toy.Encoder(toy_dir, "count")
+    start, k = enc.tok.token_id("<|vision_start|>"), train_toy.COUNT_SINK
+    assert train_toy.turn_task("Count the crosses.") == "count" and train_toy.turn_task("hello") is None
+    assert [train_toy.lookup_kind("count", h) for h in (0, *train_toy.COUNT_HEADS)] == ["mass", "sink", "sink"]
+    assert train_toy.lookup_kind("mass", 1) == "mass"
+    counted = 0
+    for task in ("colour", "count", "position", "compare", "direction"):
+        for i in range(4):
+            s = synth.make_sample(task, i, seed=5)
+            e = enc(s)
+            turns = [(s.question, s.answer)] + s.extra
+            answer_at = [p for p, lab in enumerate(e.labels[:-1]) if lab == -100 and e.labels[p + 1] != -100]
+            assert len(answer_at) == len(turns), s.id
+            pads = [k for k, t in enumerate(e.ids) if t in (enc.image_id, enc.video_id)]
+            for p, (question, answer) in zip(answer_at, turns):
+                mine = sorted((head, where) for q, head, where in e.lookups if q == p)
+                named = train_toy.named_shape(question)
+                if named is None:
+                    assert mine == [], s.id
+                    continue
+                (h0, objs), *counting = mine
+                assert h0 == 0 and set(objs) <= set(pads), s.id
+                if task == "direction":
+                    assert len(objs) == 2 and not counting, s.id
+                    continue
+                drawn = [o for f in s.facts for o in f["objects"] if o[0] == named]
+                assert len(objs) == len(drawn), s.id
+                kind = train_toy.turn_task(question)
+                if kind == "count":
+                    ((head, where),) = counting
+                    assert head == train_toy.COUNT_HEADS[0], s.id
+                    assert sorted(where[:-k]) == sorted(objs) and len(objs) == int(answer), s.id
+                    assert [e.ids[q] for q in where[-k:]] == [start] * k, s.id
+                    counted += 1
+                elif kind == "compare":
+                    assert [h for h, _ in counting] == list(train_toy.COUNT_HEADS), s.id
+                    (_, w1), (_, w2) = counting
+                    (n1, s1), (n2, s2) = (len(w1) - k, set(w1[-k:])), (len(w2) - k, set(w2[-k:]))
+                    assert len(s1) == len(s2) == 1 and {e.ids[q] for q in s1 | s2} == {start}, s.id
+                    assert max(s1) < min(w1[:-k]) and max(w1[:-k]) < max(s2) < min(w2[:-k]), s.id
+                    assert (n1 > n2) == (answer == "first"), s.id
+                else:
+                    assert not counting, s.id
+    assert counted > 4  # count turns from count samples and from other scenes' follow-ups

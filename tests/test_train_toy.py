@@ -106,3 +106,41 @@ def test_tower_accuracy_counts_the_tokens_each_dense_column_gets_right(monkeypat
         acc = train_toy.tower_accuracy(torch.nn.Module(), heads, enc, examples, more=True,
                                        batch_size=len(examples))
         assert set(acc) == set(train_toy.DENSE_NAMES) and all(a == want for a in acc.values()), acc
+
+
+def test_language_loss_scores_only_labelled_positions_as_the_full_logits_do():
+    """The training step's language loss, with logits computed only where a label is predicted,
+    equals the cross-entropy over the model's full logits (fp32, 1e-5 relative)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    ckpt = train_toy.Path(qvl.__file__).parent / "scripts" / "qvl-toy"
+    enc = train_toy.Encoder(ckpt)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    batch = [enc(synth.make_sample(t, 2, seed=1)) for t in ("colour", "ocr", "compare")]
+    inputs = enc.collate(batch)
+    labels = inputs.pop("labels")
+    with torch.no_grad():
+        full = model(**dict(inputs)).logits[:, :-1]
+        want = torch.nn.functional.cross_entropy(full.flatten(0, 1), labels[:, 1:].reshape(-1), ignore_index=-100,
+                                                 reduction="sum")
+        got = train_toy.language_loss(model, dict(inputs), labels)
+    assert int((labels != -100).sum()) > 10
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_the_default_recipe_trains_the_counting_heads(tmp_path, monkeypatch):
+    """A default training step (``lookup_mode="count"``) supervises head 0's mass and the counting
+    heads' spread, with their sinks, on count and compare questions."""
+    seen = set()
+    real = train_toy.LookupProbe.loss
+
+    def spy(self, b, p, head, where, mode="sink"):
+        seen.add((head, mode))
+        return real(self, b, p, head, where, mode)
+
+    monkeypatch.setattr(train_toy.LookupProbe, "loss", spy)
+    torch.manual_seed(0)
+    run = train_toy.train(tmp_path / "toy", train_toy.Settings(steps=1, batch_size=6, eval_n=1, eval_every=1000,
+                                                                curriculum=False, tasks=("count", "compare")))
+    assert run["lookup_mode"] == "count" and run["steps"] == 1
+    assert seen == {(0, "mass"), (train_toy.COUNT_HEADS[0], "sink"), (train_toy.COUNT_HEADS[1], "sink")}
