@@ -10,9 +10,10 @@ the final accuracy table, measured through qvl (fp32) and cross-checked against 
 
 Reproducibility: initialisation and data order derive from ``--seed``, the learning-rate
 schedule (warm-up, cosine) from the step count. Without ``--steps`` the run times its first steps
-and plans as many as ``--minutes`` holds, and logs the number: passing it as ``--steps`` repeats
-the run step for step. If the machine slows down later, the schedule follows the clock instead,
-so the run still anneals before the time box closes (the log says where it stopped and why).
+and plans as many as ``--minutes`` holds, and logs the number: passing it as ``--steps``, with a
+``--minutes`` wide enough for them, repeats the run's data order and schedule. If the machine
+falls behind the box, the schedule follows the clock instead, so the run still anneals before
+the time box closes (the log says where it stopped and why).
 On a machine shared with other jobs, ``--threads 1`` avoids oversubscribing the cores.
 """
 
@@ -746,8 +747,9 @@ def train(out: Path, st: Settings) -> dict:
             rate = CALIBRATION_STEPS / (time.perf_counter() - t_cal)
             # 8% of the box is left for the periodic evaluations and slower stretches
             total = step + int(rate * (budget_s - elapsed) * 0.92)
-            log.info("%.2f steps/s: the %g-minute box holds %d steps; `--steps %d` repeats this run "
-                     "step for step", rate, minutes, total, total)
+            log.info("%.2f steps/s: the %g-minute box holds %d steps; `--steps %d --minutes 120` repeats "
+                     "this run (data order and schedule) on a machine that is not much slower", rate, minutes,
+                     total, total)
         # on a machine that slows down later, the schedule follows the clock, so it still anneals
         # before the box closes
         eff = step if total is None else max(step, int(elapsed / budget_s * total))
