@@ -924,28 +924,22 @@ def write_model_card(out: Path, run: dict, table: dict) -> None:
         dense += (", how many of its shape its picture holds on each object's token, the text on a text's "
                   "tokens, which canvas edges its cell touches on every token")
     lookup = ""
+    head0 = (f" Head {LOOKUP_HEADS[0]} of decoder layer {LOOKUP_LAYER} is trained (weight {run.get('lookup_weight')}) "
+             "to put its attention, from where an answer is predicted, on the tokens ")
+    unchanged = "The saved model is unchanged Qwen2-VL: the supervision only shaped its weights."
     if run.get("lookup_weight") and run.get("lookup_mode", "mass") == "mass":
-        lookup = (f" Head {LOOKUP_HEADS[0]} of decoder layer {LOOKUP_LAYER} is trained (weight {run['lookup_weight']}) "
-                  "to put its attention, from where an answer is predicted, on the tokens of the objects the "
-                  "question names (`lookup_targets`); without it the decoder read the colour of a random object. "
-                  "The saved model is unchanged Qwen2-VL: the supervision only shaped its weights.")
+        lookup = (head0 + "of the objects the question names (`lookup_targets`); without it the decoder read the "
+                  "colour of a random object. " + unchanged)
     elif run.get("lookup_weight") and run["lookup_mode"] == "count":
-        lookup = (f" Head {LOOKUP_HEADS[0]} of decoder layer {LOOKUP_LAYER} is trained (weight {run['lookup_weight']}) "
-                  "to put its attention, from where an answer is predicted, on the tokens of the objects the "
-                  "question names (in a clip, in both frame pairs); without it the decoder read the colour of a "
-                  f"random object. For a count, head {COUNT_HEADS[0]} spreads its attention over those tokens "
-                  f"and the picture's `<|vision_start|>`, weighted {COUNT_SINK}:1, whose share, "
-                  f"{COUNT_SINK}/(n+{COUNT_SINK}), carries how many there are; "
-                  f"`compare` has heads {COUNT_HEADS[0]} and {COUNT_HEADS[1]} do that in one picture each "
-                  "(`lookup_targets`). The saved model is unchanged Qwen2-VL: the supervision only shaped its "
-                  "weights.")
+        lookup = (head0 + "of the objects the question names (in a clip, in both frame pairs); without it the "
+                  f"decoder read the colour of a random object. For a count, head {COUNT_HEADS[0]} spreads its "
+                  f"attention over those tokens and the picture's `<|vision_start|>`, weighted {COUNT_SINK}:1, "
+                  f"whose share, {COUNT_SINK}/(n+{COUNT_SINK}), carries how many there are; `compare` has heads "
+                  f"{COUNT_HEADS[0]} and {COUNT_HEADS[1]} do that in one picture each (`lookup_targets`). " + unchanged)
     elif run.get("lookup_weight") and run["lookup_mode"] == "answer":
-        lookup = (f" Head {LOOKUP_HEADS[0]} of decoder layer {LOOKUP_LAYER} is trained (weight {run['lookup_weight']}) "
-                  "to put its attention, from where an answer is predicted, on the tokens that hold the answer: "
-                  "the objects the question names (in a clip, in every frame pair), a text's cells; head "
-                  f"{LOOKUP_HEADS[1]} does it for the second picture of `compare` (`lookup_targets`). Without "
-                  "it the decoder read the colour of a random object. The saved model is unchanged Qwen2-VL: "
-                  "the supervision only shaped its weights.")
+        lookup = (head0 + "that hold the answer: the objects the question names (in a clip, in every frame pair), "
+                  f"a text's cells; head {LOOKUP_HEADS[1]} does it for the second picture of `compare` "
+                  "(`lookup_targets`). Without it the decoder read the colour of a random object. " + unchanged)
     elif run.get("lookup_weight"):
         lookup = (f" Two attention heads of decoder layer {LOOKUP_LAYER} are trained (weight "
                   f"{run['lookup_weight']}) to look, from where an answer is predicted, at the tokens of the "
