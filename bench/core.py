@@ -23,7 +23,7 @@ Measured per engine:
 * first token s: from the messages to the first new token: image load + preprocessing,
   tokenization, vision encoder, prefill and the first sampling step.
 * decode tok/s: (new_tokens - 1) / time from the first to the last new token, batch 1.
-* peak RSS GB: ``ru_maxrss`` of the child process (``VmHWM`` is recorded too).
+* peak RSS GB: the child process's ``VmHWM`` (``ru_maxrss`` where there is no /proc).
 * achieved GB/s: decode tok/s * bytes of decoder weights read per token.
 
 The roofline line divides the machine's memory copy bandwidth (1 GiB ``dst.copy_(src)``, read +
@@ -332,11 +332,13 @@ def _memory_report(res: dict) -> None:
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    res["peak_rss_gb"] = ru.ru_maxrss * 1024 / GB  # KiB on Linux
     res["major_faults"] = ru.ru_majflt
     for key, name in (("VmHWM", "vmhwm_gb"), ("RssAnon", "rss_anon_gb"), ("RssFile", "rss_file_gb")):
         kb = _status_kb(key)
         res[name] = kb * 1024 / GB if kb is not None else None
+    # ru_maxrss carries the parent's peak into a child spawned by vfork + exec (Python's
+    # subprocess); VmHWM is the child's own
+    res["peak_rss_gb"] = res["vmhwm_gb"] if res["vmhwm_gb"] is not None else ru.ru_maxrss * 1024 / GB
 
 
 def _rss_now_gb() -> float | None:

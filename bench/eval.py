@@ -28,7 +28,7 @@ the two argmaxes agree). Log-probs are exchanged through ``--out``/ref as float3
 question, chat markup and the reference's answer; ``Engine.text_logprobs``, one causal pass):
 hundreds of positions where the answers give a few, at the cost of storing them.
 
-Each model runs in its own subprocess, so ``peak RSS`` is that process's ``ru_maxrss`` and
+Each model runs in its own subprocess, so ``peak RSS`` is that process's (``VmHWM``) and
 ``model RSS`` its peak minus the RSS it had after imports, before loading the model (weights,
 KV cache and activations; CUDA runs report ``torch.cuda.max_memory_allocated`` as well).
 ``--in-process`` skips the subprocesses (faster; memory figures then accumulate across models).
@@ -204,14 +204,23 @@ def load_records(path, limit: int | None = None) -> list[dict]:
 
 # --- one model -------------------------------------------------------------------------------
 
-def _rss_mb() -> float | None:
+def _rss_mb(key: str = "VmRSS") -> float | None:
+    """A memory figure of this process from /proc (VmRSS: now, VmHWM: its peak); None without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ``ru_maxrss``: Linux carries the parent's peak into a
+    child spawned by vfork + exec (Python's subprocess), so a worker started from a process that had
+    calibrated a model reported the parent's 446 MB, not its own ~300."""
+    hwm = _rss_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def weights_mb(model_dir) -> float:
@@ -326,7 +335,7 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     result = {
         "model": spec, "path": str(path), "dtype": dtype, "device": device,
         "weights_mb": weights_mb(path), "loaded_weights_mb": loaded_weights_mb(engine.model), "load_s": load_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": _peak_rss_mb(),
         "model_rss_mb": None, "kl": kl_mean, "top1": top1, "kl_tokens": n_tok,
         "kl_text": text[0], "top1_text": text[1], "kl_text_tokens": t_tok,
         "decode_tok_s": new_tok / decode_s if (decode_s > 0 and new_tok) else None,

@@ -112,6 +112,21 @@ def test_qvl_eval_command(tiny_ckpt, synth_set, tmp_path):
     assert bf16["kl_text"] > 0 and 0.5 < bf16["top1_text"] <= 1 and bf16["kl_text_tokens"] > bf16["kl_tokens"]
 
 
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents(tiny_ckpt, synth_set, tmp_path):
+    """Linux hands a parent's ``ru_maxrss`` to a child spawned by vfork + exec; the worker's peak
+    must be its own. This process first peaks 1.5 GB above what a tiny model's worker needs."""
+    import resource
+
+    big = bytearray(1536 * 2**20)
+    big[::4096] = b"x" * len(range(0, len(big), 4096))  # touch every page
+    del big
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = ev.evaluate([str(tiny_ckpt)], synth_set, out=tmp_path, limit=1, max_new_tokens=2, plot=False)
+    worker = summary["models"][0]
+    assert 0 < worker["model_rss_mb"] < worker["peak_rss_mb"] < parent_peak - 1000, (worker["peak_rss_mb"],
+                                                                                       parent_peak)
+
 def test_eval_refuses_a_missing_model(synth_set, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         ev.evaluate([str(tmp_path / "nope")], synth_set, out=tmp_path)
