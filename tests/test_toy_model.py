@@ -24,9 +24,10 @@ def test_toy_answers_as_transformers_does_and_sees():
     assert table["shape"]["qvl_fp32"] >= 0.9 and card["shape"]["qvl_fp32"] >= 0.95
     mean = sum(r["qvl_fp32"] for r in table.values()) / len(table)
     assert mean >= sum(CHANCE.values()) / len(CHANCE) + 0.2, table
-    # the card's mean over its seven tasks is 0.96; 84 items put 0.85 five standard errors below it
-    card_mean = sum(r["qvl_fp32"] for r in card.values()) / len(card)
-    assert card_mean >= 0.95 and mean >= 0.85, (card_mean, table)
+    # the bar on the card's 200 items a task; the card's mean is 0.99, and 84 items put 0.9
+    # seven standard errors below it
+    assert all(r["qvl_fp32"] >= 0.95 for r in card.values()), card
+    assert mean >= 0.9, table
 
 
 def test_toy_fits_the_budget():

@@ -4,6 +4,7 @@ in its config) and qvl loads it."""
 
 import json
 
+import pytest
 import torch
 
 import qvl
@@ -144,3 +145,39 @@ def test_the_default_recipe_trains_the_counting_heads(tmp_path, monkeypatch):
                                                                 curriculum=False, tasks=("count", "compare")))
     assert run["lookup_mode"] == "count" and run["steps"] == 1
     assert seen == {(0, "mass"), (train_toy.COUNT_HEADS[0], "sink"), (train_toy.COUNT_HEADS[1], "sink")}
+
+
+def test_a_second_stage_trains_on_its_mix_and_its_card_repeats_both_stages(tmp_path, monkeypatch):
+    """``--init`` with ``--task-weights``: the stream draws tasks by the changed mix, the run keeps
+    the first stage's record, and the card's two commands parse back into both runs' settings."""
+    import shlex
+
+    drawn = []
+    real = train_toy.Stream.batch
+
+    def spy(self, size):
+        drawn.append(dict(zip(self.tasks, self.weights)))
+        return real(self, size)
+
+    monkeypatch.setattr(train_toy.Stream, "batch", spy)
+    torch.manual_seed(0)
+    small = {"steps": 1, "batch_size": 2, "eval_n": 1, "eval_every": 1000}
+    first = train_toy.train(tmp_path / "s1", train_toy.Settings(**small))
+    train_toy.write_model_card(tmp_path / "s1", first, {})
+    assert drawn[-1]["shape"] == train_toy.TASK_WEIGHTS["shape"]  # the curriculum's first phase, default mix
+    st2 = train_toy.Settings(**small, seed=1, lr=3e-4, curriculum=False, init=str(tmp_path / "s1"),
+                             task_weights={"count": 4.0})
+    second = train_toy.train(tmp_path / "s2", st2)
+    assert drawn[-1] == {**train_toy.TASK_WEIGHTS, "count": 4.0}
+    assert second["init_run"]["seed"] == 0 and "history" not in second["init_run"]
+    train_toy.write_model_card(tmp_path / "s2", second, {})
+    card = (tmp_path / "s2" / "README.md").read_text()
+    commands = [c for c in card.split("`") if c.startswith("python -m qvl.scripts.train_toy")]
+    assert len(commands) == 2 and "in two stages" in card, card
+    for command, run in zip(commands, (first, second), strict=True):
+        _, st = train_toy.parse_args(shlex.split(command)[3:])
+        assert (st.seed, st.steps, st.lr, st.curriculum, st.lookup_mode, st.task_weights or {}) == (
+            run["seed"], run["planned_steps"], run["lr"], run["curriculum"], run["lookup_mode"], run["task_weights"])
+        assert st.init == (None if run is first else "STAGE1")
+    with pytest.raises(SystemExit):
+        train_toy.parse_args(["out", "--task-weights", "counting=2"])
