@@ -710,9 +710,12 @@ class Settings:
     # Session 8: on that model's count test items the counting head's attention was already right
     # (the sink's share within 0.015 of 1/(n+1) on average, sd 0.02), but the readout after it was
     # biased: n = 4 read right 59% of the time, n = 5 100%. A second stage (--init, seed 1 for
-    # unseen pictures, 980 steps, peak lr 3e-4, no curriculum, count weighted 4.0; 9.4 minutes)
-    # fixed that: test count 0.97, position 0.985, text 0.99, compare 0.98, direction 0.99, shape
-    # and colour 1.00. Run again from the same weights, it gave bit-identical weights.
+    # unseen pictures, peak lr 3e-4, no curriculum, more count) recalibrates it. With 980 steps
+    # and count weighted 4.0 (9.4 minutes): test count 0.97, every other task 0.985-1.00, and a
+    # rerun from the same weights gave bit-identical weights; but from a repeat of stage 1 (numerics
+    # differ from session 7's: colour 0.22 vs 0.20 at step 300) it reached count 0.93 only. With
+    # 1,200 steps and count weighted 6.0, count was 0.955 from that repeat and 0.98 from qvl-toy's
+    # stage 1, which is the committed qvl-toy (every task 0.98-1.00; 10.4 minutes).
     lookup_weight: float = 1.0
     lookup_mode: str = "count"  # lookup_targets
     dense_facts: bool = True  # corner / motion targets on each object's token (token_targets)
