@@ -28,7 +28,7 @@ the two argmaxes agree). Log-probs are exchanged through ``--out``/ref as float3
 question, chat markup and the reference's answer; ``Engine.text_logprobs``, one causal pass):
 hundreds of positions where the answers give a few, at the cost of storing them.
 
-Each model runs in its own subprocess, so ``peak RSS`` is that process's (``VmHWM``) and
+Each model runs in its own subprocess, so ``peak RSS`` is that process's own peak (``VmHWM``) and
 ``model RSS`` its peak minus the RSS it had after imports, before loading the model (weights,
 KV cache and activations; CUDA runs report ``torch.cuda.max_memory_allocated`` as well).
 ``--in-process`` skips the subprocesses (faster; memory figures then accumulate across models).
