@@ -415,13 +415,14 @@ def lookup_targets(task: str, named: str | None, objects, mode: str = "sink") ->
         named = TEXT
     if named is None:
         return []
+    # objects run picture by picture, so ``where`` is ``groups`` end to end
+    where = [pos for pos, shape, _ in objects if shape == named]
+    sinks = sorted({sink for _, _, sink in objects})
+    groups = [[pos for pos, shape, sk in objects if shape == named and sk == sink] for sink in sinks]
     if mode == "count":
-        where = [pos for pos, shape, _ in objects if shape == named]
         if not where:
             return []
         out = [(LOOKUP_HEADS[0], where)]
-        sinks = sorted({sink for _, _, sink in objects})
-        groups = [[pos for pos, shape, sk in objects if shape == named and sk == sink] for sink in sinks]
         if task == "count" and len(sinks) == 1:
             out.append((COUNT_HEADS[0], where + sinks * COUNT_SINK))
         elif task == "compare" and len(sinks) == 2:
@@ -431,15 +432,11 @@ def lookup_targets(task: str, named: str | None, objects, mode: str = "sink") ->
     if mode == "mass":
         if task in synth.VIDEO_TASKS:
             return []
-        where = [pos for pos, shape, _ in objects if shape == named]
         return [(LOOKUP_HEADS[0], where)] if where else []
-    sinks = sorted({sink for _, _, sink in objects})
-    groups = [[pos for pos, shape, sk in objects if shape == named and sk == sink] for sink in sinks]
     with_sink = mode == "sink"
     if task == "compare" and len(sinks) == 2:
         return [(LOOKUP_HEADS[k], group + [sink] * with_sink)
                 for k, (group, sink) in enumerate(zip(groups, sinks)) if group]
-    where = [pos for group in groups for pos in group]
     if not with_sink:
         return [(LOOKUP_HEADS[0], where)] if where else []
     return [(LOOKUP_HEADS[0], where + sinks)] if where and len(sinks) == 1 else []
