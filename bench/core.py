@@ -318,7 +318,8 @@ def machine_info() -> dict:
 # children: each measurement runs in its own process
 
 
-def _status_kb(key: str) -> int | None:
+def status_kb(key: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its peak); None without /proc."""
     try:
         for line in pathlib.Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -328,21 +329,32 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
+def peak_rss_kb() -> int:
+    """This process's own peak RSS in KiB: VmHWM, not ``ru_maxrss`` (the fallback without /proc).
+    Linux carries a parent's ``ru_maxrss`` into a child spawned by vfork + exec, which is how
+    Python's subprocess starts one: quant_quality's eval workers, started by a process that had
+    calibrated models, reported its 446 MB instead of their own ~300."""
+    hwm = status_kb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
 def _memory_report(res: dict) -> None:
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
     res["major_faults"] = ru.ru_majflt
     for key, name in (("VmHWM", "vmhwm_gb"), ("RssAnon", "rss_anon_gb"), ("RssFile", "rss_file_gb")):
-        kb = _status_kb(key)
+        kb = status_kb(key)
         res[name] = kb * 1024 / GB if kb is not None else None
-    # ru_maxrss carries the parent's peak into a child spawned by vfork + exec (Python's
-    # subprocess); VmHWM is the child's own
-    res["peak_rss_gb"] = res["vmhwm_gb"] if res["vmhwm_gb"] is not None else ru.ru_maxrss * 1024 / GB
+    res["peak_rss_gb"] = peak_rss_kb() * 1024 / GB
 
 
 def _rss_now_gb() -> float | None:
-    rss = _status_kb("VmRSS")
+    rss = status_kb("VmRSS")
     return rss * 1024 / GB if rss is not None else None
 
 

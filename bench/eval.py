@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -204,25 +203,6 @@ def load_records(path, limit: int | None = None) -> list[dict]:
 
 # --- one model -------------------------------------------------------------------------------
 
-def _rss_mb(key: str = "VmRSS") -> float | None:
-    """A memory figure of this process from /proc (VmRSS: now, VmHWM: its peak); None without /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ``ru_maxrss``: Linux carries the parent's peak into a
-    child spawned by vfork + exec (Python's subprocess), so a worker started from a process that had
-    calibrated a model reported the parent's 446 MB, not its own ~300."""
-    hwm = _rss_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def weights_mb(model_dir) -> float:
     files = [f for pat in ("*.safetensors", "*.onnx", "*.bin", "*.pt") for f in Path(model_dir).glob(pat)]
     return sum(f.stat().st_size for f in files) / 1e6
@@ -269,10 +249,11 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     import torch
 
     import qvl
+    from qvl.bench.core import peak_rss_kb, status_kb
 
     path, spec_dtype = parse_model(spec)
     dtype = spec_dtype or dtype
-    rss_before = _rss_mb()
+    rss_before = status_kb("VmRSS")
     t0 = time.perf_counter()
     engine = qvl.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
     load_s = time.perf_counter() - t0
@@ -335,7 +316,7 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     result = {
         "model": spec, "path": str(path), "dtype": dtype, "device": device,
         "weights_mb": weights_mb(path), "loaded_weights_mb": loaded_weights_mb(engine.model), "load_s": load_s,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_kb() / 1024,
         "model_rss_mb": None, "kl": kl_mean, "top1": top1, "kl_tokens": n_tok,
         "kl_text": text[0], "top1_text": text[1], "kl_text_tokens": t_tok,
         "decode_tok_s": new_tok / decode_s if (decode_s > 0 and new_tok) else None,
@@ -343,7 +324,7 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
         "rows": rows,
     }
     if rss_before is not None:
-        result["model_rss_mb"] = result["peak_rss_mb"] - rss_before
+        result["model_rss_mb"] = result["peak_rss_mb"] - rss_before / 1024
     if torch.device(device).type == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if is_reference:

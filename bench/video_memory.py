@@ -8,7 +8,7 @@ uses qwen-vl-utils' defaults (2 fps sampling, at most 768 frames, 128..768 token
 under the 128k-token total-pixels budget), so frames are upscaled to 280x392 and a 20-minute
 video becomes 768 frames, 384 frame pairs, ~54k vision tokens.
 
-Each (length, mode) runs in a fresh subprocess; peak RSS is its ``ru_maxrss``, and the
+Each (length, mode) runs in a fresh subprocess; peak RSS is its own (``VmHWM``), and the
 baseline is the RSS after imports and engine load (tiny checkpoint, KV cache sized to fit).
 Modes:
 * ``qvl``: ``Engine.generate`` end to end (4 new tokens): frames decoded lazily (only sampled
@@ -29,10 +29,11 @@ import json
 import logging
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import time
+
+from qvl.bench.core import peak_rss_kb, status_kb
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ def _checkpoint() -> pathlib.Path:
     return path
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _child(mode: str, video: str, ckpt: str) -> dict:
     import torch
 
@@ -83,7 +76,7 @@ def _child(mode: str, video: str, ckpt: str) -> dict:
     torch.manual_seed(0)
     eng = qvl.load(ckpt, max_seq_len=60000)
     item = {"type": "video", "video": video}
-    base = _rss_mb()
+    base = status_kb("VmRSS") / 1024
     t0 = time.perf_counter()
     out = {"mode": mode, "baseline_mb": base}
     if mode == "qvl":
@@ -100,7 +93,7 @@ def _child(mode: str, video: str, ckpt: str) -> dict:
             emb = eng.model.visual.encode(pv, grid)
         out.update(prompt_tokens=int(emb.shape[0]), pixel_values_mb=pv.numel() * 4 / 2**20)
     out["seconds"] = time.perf_counter() - t0
-    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mb"] = peak_rss_kb() / 1024
     return out
 
 
@@ -119,7 +112,7 @@ def _markdown(rows: list[dict]) -> str:
         f"Generated {_dt.date.today().isoformat()} by `python -m qvl.bench.video_memory` on "
         f"{os.cpu_count()} CPUs (torch threads default). Video: moving squares, {WIDTH}x{HEIGHT}, "
         f"{FPS} fps, h264; qwen-vl-utils default sampling and sizing (frames upscaled to 280x392, "
-        "at most 768 frames). Tiny checkpoint (vision embed 32, text hidden 64). Peak = `ru_maxrss` "
+        "at most 768 frames). Tiny checkpoint (vision embed 32, text hidden 64). Peak = `VmHWM` "
         "of a fresh process; baseline = RSS after imports + `qvl.load`.",
         "",
         "| minutes | source frames | mode | vision tokens | peak RSS MB | peak - baseline MB | seconds |",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -13,10 +12,6 @@ from qvl.bench.eval import register as register_eval
 from qvl.export.cli import register as register_export
 
 log = logging.getLogger("qvl")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _load(args):
@@ -32,10 +27,12 @@ def _gen_kwargs(args) -> dict:
 
 
 def _print_stats(engine, out=sys.stderr):
+    from qvl.bench.core import peak_rss_kb
+
     s = engine.last_stats
     print(f"[{s.prompt_tokens} prompt tokens, first token {s.prefill_s:.2f}s (vision {s.vision_s:.2f}s), "
           f"{s.new_tokens} new tokens at {s.decode_tok_s:.1f} tok/s, load {engine.load_s:.2f}s, "
-          f"peak RSS {_peak_rss_mb():.0f} MB]", file=out)
+          f"peak RSS {peak_rss_kb() / 1024:.0f} MB]", file=out)
 
 
 def _user_message(prompt: str, images: list[str]) -> list[dict]:
