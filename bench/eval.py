@@ -43,163 +43,15 @@ import argparse
 import json
 import logging
 import math
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from qvl.export.tasks import load_records, score
+
 log = logging.getLogger(__name__)
-
-METRICS = ("exact", "anls", "mc")
-MC_PROMPT = "Answer with the option's letter from the given choices directly."
-_LETTER_RE = re.compile(r"^\(?([A-Z])\)?(?:[.:)\s]|$)")
-
-
-# --- metrics ---------------------------------------------------------------------------------
-
-def normalize(text: str) -> str:
-    """Lowercase, collapse whitespace, drop one trailing period (models add them, sets don't)."""
-    text = " ".join(str(text).lower().split())
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def exact_match(pred: str, answers) -> float:
-    p = normalize(pred)
-    return float(any(p == normalize(a) for a in answers))
-
-
-def anls(pred: str, answers, threshold: float = 0.5) -> float:
-    """DocVQA ANLS of one prediction: strings lowercased and whitespace-collapsed, not otherwise changed."""
-    p = " ".join(str(pred).lower().split())
-    best = 0.0
-    for a in answers:
-        a = " ".join(str(a).lower().split())
-        if not a and not p:
-            return 1.0
-        nl = levenshtein(p, a) / max(len(p), len(a))
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
-
-
-def _options(options) -> dict[str, str]:
-    if options is None:
-        return {}
-    if isinstance(options, dict):
-        return {str(k).strip().upper(): str(v) for k, v in options.items()}
-    return {chr(ord("A") + i): str(v) for i, v in enumerate(options)}
-
-
-def mc_letter(pred: str, options=None) -> str | None:
-    """The option a free-form answer picks: a leading letter, else an option's exact text."""
-    text = str(pred).strip()
-    opts = _options(options)
-    m = _LETTER_RE.match(text)
-    if m and (not opts or m.group(1) in opts):  # "I think..." is no answer "I" among A-D
-        return m.group(1)
-    for letter, option in opts.items():
-        if normalize(text) == normalize(option):
-            return letter
-    return None
-
-
-def multiple_choice(pred: str, answers, options=None) -> float:
-    opts = _options(options)
-    by_text = {normalize(v): k for k, v in opts.items()}
-    gold = {by_text.get(normalize(a), str(a).strip().upper()) for a in answers}
-    return float(mc_letter(pred, opts) in gold)
-
-
-def score(metric: str, pred: str, answers, options=None) -> float:
-    if metric == "exact":
-        return exact_match(pred, answers)
-    if metric == "anls":
-        return anls(pred, answers)
-    if metric == "mc":
-        return multiple_choice(pred, answers, options)
-    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-
-
-# --- datasets --------------------------------------------------------------------------------
-
-def _resolve(source, base: Path):
-    if isinstance(source, list):
-        return [_resolve(s, base) for s in source]
-    if not isinstance(source, str) or re.match(r"^(file|data|https?):", source) or Path(source).is_absolute():
-        return source
-    return str(base / source)
-
-
-def _messages(rec: dict, base: Path) -> list[dict]:
-    if "messages" in rec:
-        msgs = json.loads(json.dumps(rec["messages"]))  # a copy we may rewrite
-        for m in msgs:
-            if isinstance(m.get("content"), list):
-                for item in m["content"]:
-                    for key in ("image", "video"):
-                        if key in item:
-                            item[key] = _resolve(item[key], base)
-        return msgs
-    content = []
-    images = rec.get("images") or ([rec["image"]] if "image" in rec else [])
-    content += [{"type": "image", "image": _resolve(p, base)} for p in images]
-    if "video" in rec:
-        content.append({"type": "video", "video": _resolve(rec["video"], base)})
-    question = rec["question"]
-    if rec.get("metric") == "mc" and rec.get("options") is not None:
-        opts = _options(rec["options"])
-        question = "\n".join([question, *(f"{k}. {v}" for k, v in opts.items()), MC_PROMPT])
-    content.append({"type": "text", "text": question})
-    return [{"role": "user", "content": content}]
-
-
-def jsonl_records(path: Path):
-    """(line number, object) for every non-blank line of a JSONL task file; each object has
-    ``messages`` or ``question`` (the two forms ``_messages`` turns into a conversation)."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON: {e}") from e
-        if "messages" not in rec and "question" not in rec:
-            raise ValueError(f"{path}:{n}: needs 'messages' or 'question'")
-        yield n, rec
-
-
-def load_records(path, limit: int | None = None) -> list[dict]:
-    """Read a JSONL set into records with ``id, task, metric, answers, options, messages``."""
-    path = Path(path)
-    base = path.parent
-    records = []
-    for n, rec in jsonl_records(path):
-        answers = rec.get("answers", [rec["answer"]] if "answer" in rec else None)
-        if not answers:
-            raise ValueError(f"{path}:{n}: needs 'answers' (a list) or 'answer'")
-        metric = rec.get("metric", "exact")
-        if metric not in METRICS:
-            raise ValueError(f"{path}:{n}: unknown metric {metric!r}; expected one of {METRICS}")
-        records.append({"id": str(rec.get("id", n)), "task": str(rec.get("task", "default")), "metric": metric,
-                        "answers": [str(a) for a in (answers if isinstance(answers, list) else [answers])],
-                        "options": rec.get("options"), "messages": _messages(rec, base)})
-        if limit and len(records) >= limit:
-            break
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
-
 
 # --- one model -------------------------------------------------------------------------------
 
@@ -530,7 +382,7 @@ def plot_results(summary: dict, path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="checkpoint dirs (DIR or DIR@dtype); the first is the reference")
-    p.add_argument("--data", required=True, help="JSONL task set (see `python -m qvl.scripts.synth`)")
+    p.add_argument("--data", required=True, help="JSONL task set (see `python -m qvl.export.synth`)")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--out", default="qvl-eval", help="directory for results.json, results.md, accuracy_vs_size.png")
     p.add_argument("--device", default="cpu")

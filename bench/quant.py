@@ -56,7 +56,7 @@ GB = core.GB
 def quant_config(kind: str, group: int) -> dict:
     """The exporter's quantization_config for ``kind`` (Qwen's release recipe, RTN here)."""
     from qvl.export.quantize import quantization_config
-    from qvl.quant.layerwise import QuantSpec
+    from qvl.export.layerwise import QuantSpec
 
     if kind == "awq":
         return quantization_config(QuantSpec("rtn", "awq", 4, group, sym=False))

@@ -35,7 +35,7 @@ SCHEMES = {  # name: (exporter, QuantSpec kwargs)
 
 def export_all(model: pathlib.Path, work: pathlib.Path, group: int, calib_samples: int) -> dict:
     from qvl.export.quantize import export_quantized
-    from qvl.quant.layerwise import QuantSpec
+    from qvl.export.layerwise import QuantSpec
     from qvl.runtime.manifest import checkpoint_fingerprint, read_manifest
 
     fp = checkpoint_fingerprint(model)[:12]

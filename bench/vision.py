@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import onnxruntime
 
-    from qvl.runtime.cli import default_model_dir
+    from qvl.scripts.default_model import default_model_dir
 
     root = cache_root()
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -47,7 +47,7 @@ def _add_onnx(formats) -> None:
 
 def _run_quantized(args) -> int:
     from qvl.export.quantize import export_quantized
-    from qvl.quant.layerwise import QuantSpec
+    from qvl.export.layerwise import QuantSpec
 
     _progress()
     if args.format == "awq":

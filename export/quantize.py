@@ -2,7 +2,7 @@
 
 Steps (progress logged throughout):
 1. calibration chats -> processor -> embeddings + vision tower -> the first layer's inputs;
-2. layer by layer (``qvl.quant.layerwise``): load the layer, quantize it on the inputs the
+2. layer by layer (``qvl.export.layerwise``): load the layer, quantize it on the inputs the
    quantized layers before produced, keep its packed tensors and outputs in the work directory
    ``.OUT.partial`` (an interrupted export started again with the same settings resumes after
    the last finished layer);
@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qvl
-from qvl.quant.calib import load_samples
-from qvl.quant.layerwise import LINEARS, LayerInput, LayerwiseModel, QuantSpec, first_layer_inputs, quantize_layer
+from qvl.export.calib import load_samples
+from qvl.export.layerwise import LINEARS, LayerInput, LayerwiseModel, QuantSpec, first_layer_inputs, quantize_layer
 from qvl.quant.packing import pack_awq, pack_gptq
 from qvl.quant.weight import QuantizedWeight
 from qvl.runtime.manifest import MANIFEST, checkpoint_fingerprint, file_digest, umask_mode, write_manifest
@@ -258,7 +258,7 @@ def quality_report(src: Path, artifact: Path, n: int, max_new_tokens: int = 16, 
                    device="cpu") -> dict:
     """KL(source || artifact) per answer token and top-1 agreement, teacher-forced on the source's
     greedy answers to ``n`` held-out synthetic chats, both models run by qvl in ``dtype``."""
-    from qvl.quant.calib import default_samples
+    from qvl.export.calib import default_samples
 
     chats = [[m for m in c if m["role"] == "user"] for c in default_samples(n, seed=QUALITY_SEED)]
     ref = qvl.load(src, device=device, dtype=dtype, max_seq_len=4096)

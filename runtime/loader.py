@@ -17,7 +17,7 @@ import torch
 from qvl.model.config import ConfigError, Qwen2VLConfig
 from qvl.model.qwen2_vl import Qwen2VL
 from qvl.quant.config import QuantConfig
-from qvl.quant.load import QuantizedLinears
+from qvl.runtime.quantized import QuantizedLinears
 from qvl.runtime.weights import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
 
 The result is an ordinary Hugging Face checkpoint (``save_pretrained``, fp16 safetensors, tokenizer,
 chat template, preprocessor and generation configs, model card) that transformers and qvl both
-load. Data come from ``qvl.scripts.synth``: an endless seeded stream for training, a held-out
+load. Data come from ``qvl.export.synth``: an endless seeded stream for training, a held-out
 stream for the periodic evaluation that can stop the run early, and the ``synth`` test seed for
 the final accuracy table, measured through qvl (fp32) and cross-checked against transformers.
 
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
 from qvl.runtime.prompt import build_request
 from qvl.runtime.tokenizer import Tokenizer
-from qvl.scripts import synth, tiny
+from qvl.export import synth
+from qvl.scripts import tiny
 
 log = logging.getLogger("qvl.train_toy")
 
@@ -884,7 +885,7 @@ def train(out: Path, st: Settings) -> dict:
 def evaluate_checkpoint(out: Path, n: int, hf_n: int) -> dict:
     """Exact match per task through qvl (fp32) on synth's test seed, and agreement with transformers."""
     import qvl
-    from qvl.bench.eval import normalize
+    from qvl.export.tasks import normalize
     from transformers import Qwen2VLForConditionalGeneration
 
     samples = synth.generate(n, TEST_SEED)
@@ -1075,7 +1076,7 @@ generator's ground truth and dropped before saving (`AuxHeads` in the script).{l
 {limits}
 transformers runs the first {hf_n} items of each task on the same token ids and pixels (qvl's
 preprocessing is tested bit-exact against transformers' processors elsewhere). Reproduce with
-`python -m qvl.scripts.synth --out DIR --n {n} --seed {TEST_SEED}` and `qvl eval .../{out.name} --data DIR/data.jsonl`.
+`python -m qvl.export.synth --out DIR --n {n} --seed {TEST_SEED}` and `qvl eval .../{out.name} --data DIR/data.jsonl`.
 """
     (out / "README.md").write_text(card, encoding="utf-8")
     (out / "train_log.json").write_text(json.dumps({**run, "test": table}, indent=1) + "\n", encoding="utf-8")

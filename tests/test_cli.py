@@ -10,7 +10,7 @@ import qvl
 
 
 def _qvl(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "qvl.runtime.cli", *map(str, args)], input=stdin,
+    return subprocess.run([sys.executable, "-m", "qvl.cli", *map(str, args)], input=stdin,
                           capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -56,8 +56,8 @@ def test_demo_uses_the_default_model(tmp_path):
     import os
     import re
 
-    from qvl.runtime.cli import TOY_MODEL
-    from qvl.scripts import synth
+    from qvl.scripts.default_model import TOY_MODEL
+    from qvl.export import synth
 
     env = {**os.environ, "QVL_CACHE": str(tmp_path)}
     r = _qvl("demo", "--max-new-tokens", 4, env=env)
@@ -74,9 +74,9 @@ def test_demo_uses_the_default_model(tmp_path):
 
 
 def test_default_model_falls_back_to_a_tiny_random_one(tmp_path, monkeypatch):
-    from qvl.runtime import cli
+    from qvl.scripts import default_model
 
-    monkeypatch.setattr(cli, "TOY_MODEL", tmp_path / "absent")
+    monkeypatch.setattr(default_model, "TOY_MODEL", tmp_path / "absent")
     monkeypatch.setenv("QVL_CACHE", str(tmp_path))
-    assert cli.default_model_dir() == tmp_path / "tiny-default"
+    assert default_model.default_model_dir() == tmp_path / "tiny-default"
     assert (tmp_path / "tiny-default" / "config.json").exists()

@@ -7,19 +7,20 @@ import sys
 import pytest
 
 from qvl.bench import eval as ev
+from qvl.export import tasks
 
 
 def test_exact_match_normalizes_case_space_and_a_final_period():
-    assert ev.exact_match("  Red. ", ["red"]) == 1.0
-    assert ev.exact_match("top   left", ["Top Left"]) == 1.0
-    assert ev.exact_match("reddish", ["red"]) == 0.0
-    assert ev.exact_match("blue", ["red", "blue"]) == 1.0
+    assert tasks.exact_match("  Red. ", ["red"]) == 1.0
+    assert tasks.exact_match("top   left", ["Top Left"]) == 1.0
+    assert tasks.exact_match("reddish", ["red"]) == 0.0
+    assert tasks.exact_match("blue", ["red", "blue"]) == 1.0
 
 
 def test_levenshtein():
-    assert ev.levenshtein("kitten", "sitting") == 3
-    assert ev.levenshtein("", "abc") == 3
-    assert ev.levenshtein("abc", "abc") == 0
+    assert tasks.levenshtein("kitten", "sitting") == 3
+    assert tasks.levenshtein("", "abc") == 3
+    assert tasks.levenshtein("abc", "abc") == 0
 
 
 @pytest.mark.parametrize("pred, answers, expected", [
@@ -33,20 +34,20 @@ def test_levenshtein():
     ("", [""], 1.0),
 ])
 def test_anls_by_its_definition(pred, answers, expected):
-    assert ev.anls(pred, answers) == pytest.approx(expected)
+    assert tasks.anls(pred, answers) == pytest.approx(expected)
 
 
 def test_multiple_choice_reads_letters_and_option_texts():
     opts = {"A": "cat", "B": "dog", "C": "bird"}
-    assert ev.mc_letter("B") == "B"
-    assert ev.mc_letter("(C) bird") == "C"
-    assert ev.mc_letter("A. cat") == "A"
-    assert ev.mc_letter("dog", opts) == "B"
-    assert ev.mc_letter("I think so", opts) is None
-    assert ev.multiple_choice("B.", ["B"], opts) == 1.0
-    assert ev.multiple_choice("bird", ["C"], opts) == 1.0
-    assert ev.multiple_choice("C", ["bird"], ["cat", "dog", "bird"]) == 1.0  # answer given as text
-    assert ev.multiple_choice("A", ["B"], opts) == 0.0
+    assert tasks.mc_letter("B") == "B"
+    assert tasks.mc_letter("(C) bird") == "C"
+    assert tasks.mc_letter("A. cat") == "A"
+    assert tasks.mc_letter("dog", opts) == "B"
+    assert tasks.mc_letter("I think so", opts) is None
+    assert tasks.multiple_choice("B.", ["B"], opts) == 1.0
+    assert tasks.multiple_choice("bird", ["C"], opts) == 1.0
+    assert tasks.multiple_choice("C", ["bird"], ["cat", "dog", "bird"]) == 1.0  # answer given as text
+    assert tasks.multiple_choice("A", ["B"], opts) == 0.0
 
 
 def test_records_resolve_paths_and_build_mc_prompts(tmp_path):
@@ -56,20 +57,20 @@ def test_records_resolve_paths_and_build_mc_prompts(tmp_path):
          "metric": "mc", "options": ["cat", "dog"]},
     ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    recs = ev.load_records(tmp_path / "d.jsonl")
+    recs = tasks.load_records(tmp_path / "d.jsonl")
     assert recs[0]["messages"][0]["content"][0]["image"] == str(tmp_path / "a.png")
     assert recs[1]["messages"][0]["content"][1]["image"] == "/abs/b.png"
-    assert recs[1]["messages"][0]["content"][-1]["text"] == "Pick.\nA. cat\nB. dog\n" + ev.MC_PROMPT
+    assert recs[1]["messages"][0]["content"][-1]["text"] == "Pick.\nA. cat\nB. dog\n" + tasks.MC_PROMPT
     assert recs[1]["answers"] == ["B"]
-    assert len(ev.load_records(tmp_path / "d.jsonl", limit=1)) == 1
+    assert len(tasks.load_records(tmp_path / "d.jsonl", limit=1)) == 1
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answers": ["a"], "metric": "bleu"}))
     with pytest.raises(ValueError, match="unknown metric"):
-        ev.load_records(tmp_path / "bad.jsonl")
+        tasks.load_records(tmp_path / "bad.jsonl")
 
 
 @pytest.fixture(scope="module")
 def synth_set(tmp_path_factory):
-    from qvl.scripts import synth
+    from qvl.export import synth
 
     return synth.write_dataset(tmp_path_factory.mktemp("synth"), n=1, seed=1)
 
@@ -98,7 +99,7 @@ def test_kl_and_top1_against_the_reference(tiny_ckpt, other_ckpt, synth_set, tmp
 
 
 def test_qvl_eval_command(tiny_ckpt, synth_set, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "qvl.runtime.cli", "eval", str(tiny_ckpt), f"{tiny_ckpt}@bfloat16",
+    r = subprocess.run([sys.executable, "-m", "qvl.cli", "eval", str(tiny_ckpt), f"{tiny_ckpt}@bfloat16",
                         "--data", str(synth_set), "--limit", "2", "--out", str(tmp_path), "--max-new-tokens", "3",
                         "--no-plot", "--text-kl"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -26,7 +26,7 @@ from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
 
 from qvl.export.quantize import export_quantized  # noqa: E402
 from qvl.model.rope import rope_index  # noqa: E402
-from qvl.quant.layerwise import QuantSpec  # noqa: E402
+from qvl.export.layerwise import QuantSpec  # noqa: E402
 from qvl.runtime.loader import load_model  # noqa: E402
 
 REL = 0.03

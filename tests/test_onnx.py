@@ -28,7 +28,7 @@ FP32_TOL, FP16_TOL = 1e-5, 1e-2
 
 
 def _qvl(*args):
-    return subprocess.run([sys.executable, "-m", "qvl.runtime.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qvl.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=120)
 
 

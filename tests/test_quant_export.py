@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 import qvl
 import quant_ref as ref
 from qvl.export import quantize as xq
-from qvl.quant.calib import default_samples, load_samples
-from qvl.quant.layerwise import LINEARS, LayerwiseModel, QuantSpec, first_layer_inputs
-from qvl.runtime.cli import main as cli_main
+from qvl.export.calib import default_samples, load_samples
+from qvl.export.layerwise import LINEARS, LayerwiseModel, QuantSpec, first_layer_inputs
+from qvl.cli import main as cli_main
 from qvl.runtime.manifest import file_digest, read_manifest
 
 SPECS = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvl.scripts import synth
+from qvl.export import synth
 
 
 def _digest(sample: synth.Sample) -> str:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qvl.runtime.cli import TOY_MODEL
+from qvl.scripts.default_model import TOY_MODEL
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL / "config.json").exists(), reason="qvl-toy is not in this copy")
 

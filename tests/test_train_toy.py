@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import qvl
-from qvl.scripts import synth, train_toy
+from qvl.export import synth
+from qvl.scripts import train_toy
 
 
 def test_two_training_steps_save_a_checkpoint_qvl_loads(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ Every sample is a whole chat, run through the same processor and vision tower as
 the decoder layers see vision tokens at their real positions (M-RoPE ids included), not text
 alone. Sources:
 
-* default: the synthetic task generator (``qvl.scripts.synth``): pictures of shapes, text,
+* default: the synthetic task generator (``qvl.export.synth``): pictures of shapes, text,
   image pairs and short clips with their questions and answers, plus text-only chats; a seed
   disjoint from the evaluation sets.
 * ``DIR``: every image in it (``.png .jpg .jpeg .webp .bmp``) with a describe-this prompt, and
@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+
+from qvl.export.tasks import jsonl_records, record_messages
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def _with_answer(messages: list[dict], answer: str | None) -> list[dict]:
 
 def default_samples(n: int, seed: int = CALIB_SEED) -> list[list[dict]]:
     """``n`` synthetic chats: the image and video tasks in turn, every eighth one text only."""
-    from qvl.scripts import synth
+    from qvl.export import synth
 
     out, i = [], 0
     while len(out) < n:
@@ -62,12 +64,10 @@ def _from_dir(d: Path) -> list[list[dict]]:
 
 
 def _from_jsonl(f: Path) -> list[list[dict]]:
-    from qvl.bench.eval import _messages, jsonl_records  # the eval harness's format, one reader for both
-
     out = []
     for _, rec in jsonl_records(f):
         answers = rec.get("answers") or ([rec["answer"]] if "answer" in rec else [None])
-        out.append(_with_answer(_messages(rec, f.parent), answers[0]))
+        out.append(_with_answer(record_messages(rec, f.parent), answers[0]))
     return out
 
 

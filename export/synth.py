@@ -4,7 +4,7 @@ Used to train the embedded default model (``scripts/train_toy.py``), to build ev
 for ``qvl eval`` and as calibration data. Sample ``i`` of task ``t`` under seed ``s`` depends on
 ``(s, t, i)`` alone, so any slice of a set can be regenerated without generating the rest.
 
-    python -m qvl.scripts.synth --out DIR --n 50 --seed 1 [--inline]   # n per task
+    python -m qvl.export.synth --out DIR --n 50 --seed 1 [--inline]   # n per task
 
 Answers are short lowercase strings from closed vocabularies (``VOCAB_TEXT`` lists every word),
 so a model that gets one right gets it exactly right.

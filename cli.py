@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from qvl.bench.eval import register as register_eval
 from qvl.export.cli import register as register_export
+from qvl.scripts.default_model import cache_dir, default_model_dir
 
 log = logging.getLogger("qvl")
 
@@ -83,30 +83,8 @@ def cmd_chat(args) -> int:
         _print_stats(engine)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QVL_CACHE", Path.home() / ".cache" / "qvl"))
-
-
-TOY_MODEL = Path(__file__).resolve().parent.parent / "scripts" / "qvl-toy"
-
-
-def default_model_dir() -> Path:
-    """The embedded default model: qvl-toy (trained on synthetic pictures by
-    ``qvl.scripts.train_toy``) when it ships with this copy of qvl, else a tiny random-weight
-    Qwen2-VL built on first use, which runs the whole pipeline but answers noise."""
-    if (TOY_MODEL / "config.json").exists():
-        return TOY_MODEL
-    from qvl.scripts.tiny import write_tiny_checkpoint
-
-    root = cache_dir() / "tiny-default"
-    if not (root / "config.json").exists():
-        log.info("building the tiny default checkpoint in %s", root)
-        write_tiny_checkpoint(root, weights="random", seed=0)
-    return root
-
-
 def cmd_demo(args) -> int:
-    from qvl.scripts.synth import demo_pictures
+    from qvl.export.synth import demo_pictures
 
     model = args.model or default_model_dir()
     workdir = Path(args.workdir or cache_dir())
