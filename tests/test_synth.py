@@ -104,7 +104,7 @@ def test_toy_tokenizer_makes_answers_short(toy_dir):
 
 def test_training_examples_supervise_only_the_answers(toy_dir):
     from qvl.runtime.prompt import build_request
-    from qvl.scripts.train_toy import Encoder
+    from qvl.scripts.toy_targets import Encoder
 
     enc = Encoder(toy_dir)
     for s in synth.generate(1, seed=0):
@@ -173,7 +173,7 @@ def test_scenes_have_a_frame_that_no_object_touches():
 
 
 def test_dense_targets_mark_the_cell_of_each_object():
-    from qvl.scripts.train_toy import DENSE_NAMES, token_targets
+    from qvl.scripts.toy_targets import DENSE_NAMES, token_targets
 
     c = {n: k for k, n in enumerate(DENSE_NAMES)}
     for s in synth.generate(6, seed=2, tasks=("count", "colour", "position")):
@@ -207,7 +207,7 @@ def test_dense_targets_mark_the_cell_of_each_object():
 
 
 def test_text_targets_cover_the_cells_with_ink():
-    from qvl.scripts.train_toy import DENSE_NAMES, WORD_CLASSES, token_targets
+    from qvl.scripts.toy_targets import DENSE_NAMES, WORD_CLASSES, token_targets
 
     c = {n: k for k, n in enumerate(DENSE_NAMES)}
     seen = set()
@@ -235,7 +235,7 @@ def test_text_targets_cover_the_cells_with_ink():
 
 
 def test_position_questions_ask_about_an_object_in_that_corner_cell():
-    from qvl.scripts.train_toy import named_shape
+    from qvl.scripts.toy_targets import named_shape
 
     for s in synth.generate(20, seed=3, tasks=("position",)):
         (fact,) = s.facts
@@ -247,7 +247,7 @@ def test_position_questions_ask_about_an_object_in_that_corner_cell():
 
 
 def test_clip_targets_follow_the_mover_in_every_temporal_patch():
-    from qvl.scripts.train_toy import DENSE_NAMES, token_targets
+    from qvl.scripts.toy_targets import DENSE_NAMES, token_targets
 
     c = {n: k for k, n in enumerate(DENSE_NAMES)}
     cols4 = [c["shape"], c["colour"], c["corner"], c["motion"]]
@@ -280,16 +280,16 @@ def test_lookup_targets_point_at_the_named_objects(toy_dir):
     """Lookup supervision: the position predicting each answer, the head, and the vision tokens of
     the objects its question names plus their picture's <|vision_start|> (a compare pair: one head
     a picture; a clip: the mover in each temporal patch)."""
-    from qvl.scripts import train_toy
+    from qvl.scripts import toy_targets
 
-    enc = train_toy.Encoder(toy_dir, "sink")
+    enc = toy_targets.Encoder(toy_dir, "sink")
     start = enc.tok.token_id("<|vision_start|>")
-    assert train_toy.named_shape("How many crosses are there?") == "cross"
-    assert train_toy.named_shape("What shape is this?") is None
+    assert toy_targets.named_shape("How many crosses are there?") == "cross"
+    assert toy_targets.named_shape("What shape is this?") is None
     for task in ("colour", "count", "compare", "direction"):
         s = synth.make_sample(task, 3, seed=5)
         e = enc(s)
-        named = train_toy.named_shape(s.question)
+        named = toy_targets.named_shape(s.question)
         first = [lk for lk in e.lookups if lk[0] == e.lookups[0][0]]  # the first answer's lookups
         assert sorted(head for _, head, _ in first) == ([0, 1] if task == "compare" else [0]), s.id
         pad = enc.video_id if task == "direction" else enc.image_id
@@ -312,7 +312,7 @@ def test_lookup_targets_point_at_the_named_objects(toy_dir):
 
 
 def test_aux_targets_follow_what_was_drawn():
-    from qvl.scripts.train_toy import AUX_NAMES, WORD_CLASSES, aux_targets
+    from qvl.scripts.toy_targets import AUX_NAMES, WORD_CLASSES, aux_targets
 
     fact = {"size": (112, 112), "objects": [("circle", "red", 14, 14, 10), ("circle", "blue", 98, 98, 10),
                                             ("star", "green", 98, 14, 10)]}
@@ -331,14 +331,14 @@ def test_aux_targets_follow_what_was_drawn():
 def test_mass_lookups_name_every_object_of_the_shape_on_one_head(toy_dir):
     """The default lookup form: head 0, the named shape's tokens in every picture, no sink, no
     lookups into clips or texts."""
-    from qvl.scripts import train_toy
+    from qvl.scripts import toy_targets
 
-    enc = train_toy.Encoder(toy_dir, "mass")
+    enc = toy_targets.Encoder(toy_dir, "mass")
     for task in ("colour", "count", "compare"):
         s = synth.make_sample(task, 3, seed=5)
         e = enc(s)
         (p, head, where), *_ = e.lookups
-        named = train_toy.named_shape(s.question)
+        named = toy_targets.named_shape(s.question)
         drawn = [o for f in s.facts for o in f["objects"] if o[0] == named]
         assert head == 0 and len(where) == len(drawn) and all(e.ids[q] == enc.image_id for q in where), s.id
         assert all(lk[0] != p for lk in e.lookups[1:])  # one lookup per answer
@@ -349,9 +349,9 @@ def test_mass_lookups_name_every_object_of_the_shape_on_one_head(toy_dir):
 def test_answer_lookups_name_every_token_the_answer_is_on(toy_dir):
     """``--lookup-mode answer``: no sink; head 0 on the named shape's tokens (a clip's mover in
     both temporal patches, a text's cells), one head a picture for compare."""
-    from qvl.scripts import train_toy
+    from qvl.scripts import toy_targets
 
-    enc = train_toy.Encoder(toy_dir, "answer")
+    enc = toy_targets.Encoder(toy_dir, "answer")
     for task in ("colour", "count", "compare", "direction", "ocr"):
         s = synth.make_sample(task, 3, seed=5)
         e = enc(s)
@@ -369,7 +369,7 @@ def test_answer_lookups_name_every_token_the_answer_is_on(toy_dir):
             (head, where), = first
             assert head == 0 and len(where) == 2  # the mover, in both temporal patches
             continue
-        named = train_toy.named_shape(s.question)
+        named = toy_targets.named_shape(s.question)
         per_picture = [sum(o[0] == named for o in f["objects"]) for f in s.facts]
         if task == "compare":
             assert [h for h, _ in first] == [0, 1], s.id
@@ -385,13 +385,13 @@ def test_count_lookups_add_counting_heads_with_the_sink(toy_dir):
     too, the mover in both temporal patches); count turns add a counting head over the named tokens
     and the picture's <|vision_start|> (listed COUNT_SINK times), compare one counting head a picture. Each turn
     is classed by its own question, so a scene's follow-up count questions get the counting head."""
-    from qvl.scripts import train_toy
+    from qvl.scripts import toy_targets
 
-    enc = train_toy.Encoder(toy_dir, "count")
-    start, k = enc.tok.token_id("<|vision_start|>"), train_toy.COUNT_SINK
-    assert train_toy.turn_task("Count the crosses.") == "count" and train_toy.turn_task("hello") is None
-    assert [train_toy.lookup_kind("count", h) for h in (0, *train_toy.COUNT_HEADS)] == ["mass", "sink", "sink"]
-    assert train_toy.lookup_kind("mass", 1) == "mass"
+    enc = toy_targets.Encoder(toy_dir, "count")
+    start, k = enc.tok.token_id("<|vision_start|>"), toy_targets.COUNT_SINK
+    assert toy_targets.turn_task("Count the crosses.") == "count" and toy_targets.turn_task("hello") is None
+    assert [toy_targets.lookup_kind("count", h) for h in (0, *toy_targets.COUNT_HEADS)] == ["mass", "sink", "sink"]
+    assert toy_targets.lookup_kind("mass", 1) == "mass"
     counted = 0
     for task in ("colour", "count", "position", "compare", "direction"):
         for i in range(4):
@@ -403,7 +403,7 @@ def test_count_lookups_add_counting_heads_with_the_sink(toy_dir):
             pads = [k for k, t in enumerate(e.ids) if t in (enc.image_id, enc.video_id)]
             for p, (question, answer) in zip(answer_at, turns):
                 mine = sorted((head, where) for q, head, where in e.lookups if q == p)
-                named = train_toy.named_shape(question)
+                named = toy_targets.named_shape(question)
                 if named is None:
                     assert mine == [], s.id
                     continue
@@ -414,15 +414,15 @@ def test_count_lookups_add_counting_heads_with_the_sink(toy_dir):
                     continue
                 drawn = [o for f in s.facts for o in f["objects"] if o[0] == named]
                 assert len(objs) == len(drawn), s.id
-                kind = train_toy.turn_task(question)
+                kind = toy_targets.turn_task(question)
                 if kind == "count":
                     ((head, where),) = counting
-                    assert head == train_toy.COUNT_HEADS[0], s.id
+                    assert head == toy_targets.COUNT_HEADS[0], s.id
                     assert sorted(where[:-k]) == sorted(objs) and len(objs) == int(answer), s.id
                     assert [e.ids[q] for q in where[-k:]] == [start] * k, s.id
                     counted += 1
                 elif kind == "compare":
-                    assert [h for h, _ in counting] == list(train_toy.COUNT_HEADS), s.id
+                    assert [h for h, _ in counting] == list(toy_targets.COUNT_HEADS), s.id
                     (_, w1), (_, w2) = counting
                     (n1, s1), (n2, s2) = (len(w1) - k, set(w1[-k:])), (len(w2) - k, set(w2[-k:]))
                     assert len(s1) == len(s2) == 1 and {e.ids[q] for q in s1 | s2} == {start}, s.id

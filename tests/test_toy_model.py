@@ -14,7 +14,7 @@ CHANCE = {"shape": 1 / 6, "colour": 1 / 8, "count": 1 / 5, "position": 1 / 4, "o
 
 
 def test_toy_answers_as_transformers_does_and_sees():
-    from qvl.scripts.train_toy import evaluate_checkpoint
+    from qvl.scripts.toy_card import evaluate_checkpoint
 
     table = evaluate_checkpoint(TOY_MODEL, n=12, hf_n=12)
     for task, r in table.items():

@@ -3,25 +3,26 @@ that hold each answer, all dense facts): the checkpoint it saves is plain Qwen2-
 in its config) and qvl loads it."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import qvl
 from qvl.export import synth
-from qvl.scripts import train_toy
+from qvl.scripts import toy_card, toy_config, toy_heads, toy_targets, train_toy
 
 
 def test_two_training_steps_save_a_checkpoint_qvl_loads(tmp_path, monkeypatch):
     seen = []
-    real = train_toy.Encoder.__call__
+    real = toy_targets.Encoder.__call__
 
     def spy(self, s, follow_ups=True):
         e = real(self, s, follow_ups)
         seen.append(len(e.lookups))
         return e
 
-    monkeypatch.setattr(train_toy.Encoder, "__call__", spy)
+    monkeypatch.setattr(toy_targets.Encoder, "__call__", spy)
     torch.manual_seed(0)
     out = tmp_path / "toy"
     run = train_toy.train(out, train_toy.Settings(steps=2, batch_size=4, eval_n=1, eval_every=1,
@@ -31,7 +32,7 @@ def test_two_training_steps_save_a_checkpoint_qvl_loads(tmp_path, monkeypatch):
     # the held-out evaluation scores the tower on every dense column the seven tasks have targets
     # for (tens and units only when the one text is a number)
     tower = run["history"][0]["tower"]
-    assert set(train_toy.DENSE_NAMES) - {"tens", "units"} <= set(tower) <= set(train_toy.DENSE_NAMES)
+    assert set(toy_targets.DENSE_NAMES) - {"tens", "units"} <= set(tower) <= set(toy_targets.DENSE_NAMES)
     assert all(0 <= a <= 1 for a in tower.values())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("_attn_implementation", cfg.get("attn_implementation")) in (None, "sdpa")
@@ -46,8 +47,8 @@ def test_lookup_targets_and_probe_match_transformers_attention():
     keys (the untrained toy gives some of them e^-34, where eager softmax-then-log loses digits)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    ckpt = train_toy.Path(qvl.__file__).parent / "scripts" / "qvl-toy"
-    enc = train_toy.Encoder(ckpt, "sink")
+    ckpt = Path(qvl.__file__).parent / "scripts" / "qvl-toy"
+    enc = toy_targets.Encoder(ckpt, "sink")
     tok = enc.tok
     start = tok.token_id("<|vision_start|>")
     cmp = enc(synth.make_sample("compare", 3, seed=1), follow_ups=False)
@@ -64,11 +65,11 @@ def test_lookup_targets_and_probe_match_transformers_attention():
     assert w0[-1] < min(w0[:-1]) and w0[-1] < w1[-1] < min(w1[:-1]) and max(w0[:-1]) < w1[-1]
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
-    probe = train_toy.LookupProbe(model)
+    probe = toy_heads.LookupProbe(model)
     inputs = enc.collate([cmp, cnt])
     inputs.pop("labels")
     with torch.no_grad():
-        att = model(**inputs, output_attentions=True).attentions[train_toy.LOOKUP_LAYER]
+        att = model(**inputs, output_attentions=True).attentions[toy_targets.LOOKUP_LAYER]
         checked = 0
         for b, e in enumerate((cmp, cnt)):
             for p, head, where in e.lookups:
@@ -84,9 +85,9 @@ def test_lookup_targets_and_probe_match_transformers_attention():
 def test_tower_accuracy_counts_the_tokens_each_dense_column_gets_right(monkeypatch):
     """tower_accuracy against tokens built to hold their own targets: every column right; with the
     targets moved to another class, none (tokens without a target in a column are not scored)."""
-    enc = train_toy.Encoder(train_toy.Path(qvl.__file__).parent / "scripts" / "qvl-toy", "answer")
+    enc = toy_targets.Encoder(Path(qvl.__file__).parent / "scripts" / "qvl-toy", "answer")
     examples = [enc(s, follow_ups=False) for s in synth.generate(2, seed=7)]
-    heads = train_toy.AuxHeads(sum(train_toy.DENSE.values()), dense_facts=True, more_facts=True)
+    heads = toy_heads.AuxHeads(sum(toy_targets.DENSE.values()), dense_facts=True, more_facts=True)
     heads.norm = heads.dense = torch.nn.Identity()
 
     def tokens_for(shift):
@@ -96,18 +97,18 @@ def test_tower_accuracy_counts_the_tokens_each_dense_column_gets_right(monkeypat
             out = []
             ordered = [e for e in examples if e.pixel_values is not None]  # images, then clips
             for e in ordered + [e for e in examples if e.video_values is not None]:
-                for _, dense in train_toy.example_aux(e, True, True):
+                for _, dense in toy_targets.example_aux(e, True, True):
                     parts = [torch.nn.functional.one_hot((dense[:, k].clamp(min=0) + shift) % n, n).float()
-                             for k, n in enumerate(train_toy.DENSE.values())]
+                             for k, n in enumerate(toy_targets.DENSE.values())]
                     out.append(torch.cat(parts, 1))
             return out
         return features
 
     for shift, want in ((0, 1.0), (1, 0.0)):
-        monkeypatch.setattr(train_toy, "visual_features", tokens_for(shift))
-        acc = train_toy.tower_accuracy(torch.nn.Module(), heads, enc, examples, more=True,
+        monkeypatch.setattr(toy_card, "visual_features", tokens_for(shift))
+        acc = toy_card.tower_accuracy(torch.nn.Module(), heads, enc, examples, more=True,
                                        batch_size=len(examples))
-        assert set(acc) == set(train_toy.DENSE_NAMES) and all(a == want for a in acc.values()), acc
+        assert set(acc) == set(toy_targets.DENSE_NAMES) and all(a == want for a in acc.values()), acc
 
 
 def test_language_loss_scores_only_labelled_positions_as_the_full_logits_do():
@@ -115,8 +116,8 @@ def test_language_loss_scores_only_labelled_positions_as_the_full_logits_do():
     equals the cross-entropy over the model's full logits (fp32, 1e-5 relative)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    ckpt = train_toy.Path(qvl.__file__).parent / "scripts" / "qvl-toy"
-    enc = train_toy.Encoder(ckpt)
+    ckpt = Path(qvl.__file__).parent / "scripts" / "qvl-toy"
+    enc = toy_targets.Encoder(ckpt)
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
     batch = [enc(synth.make_sample(t, 2, seed=1)) for t in ("colour", "ocr", "compare")]
     inputs = enc.collate(batch)
@@ -134,18 +135,18 @@ def test_the_default_recipe_trains_the_counting_heads(tmp_path, monkeypatch):
     """A default training step (``lookup_mode="count"``) supervises head 0's mass and the counting
     heads' spread, with their sinks, on count and compare questions."""
     seen = set()
-    real = train_toy.LookupProbe.loss
+    real = toy_heads.LookupProbe.loss
 
     def spy(self, b, p, head, where, mode="sink"):
         seen.add((head, mode))
         return real(self, b, p, head, where, mode)
 
-    monkeypatch.setattr(train_toy.LookupProbe, "loss", spy)
+    monkeypatch.setattr(toy_heads.LookupProbe, "loss", spy)
     torch.manual_seed(0)
     run = train_toy.train(tmp_path / "toy", train_toy.Settings(steps=1, batch_size=6, eval_n=1, eval_every=1000,
                                                                 curriculum=False, tasks=("count", "compare")))
     assert run["lookup_mode"] == "count" and run["steps"] == 1
-    assert seen == {(0, "mass"), (train_toy.COUNT_HEADS[0], "sink"), (train_toy.COUNT_HEADS[1], "sink")}
+    assert seen == {(0, "mass"), (toy_targets.COUNT_HEADS[0], "sink"), (toy_targets.COUNT_HEADS[1], "sink")}
 
 
 def test_a_second_stage_trains_on_its_mix_and_its_card_repeats_both_stages(tmp_path, monkeypatch):
@@ -164,14 +165,14 @@ def test_a_second_stage_trains_on_its_mix_and_its_card_repeats_both_stages(tmp_p
     torch.manual_seed(0)
     small = {"steps": 1, "batch_size": 2, "eval_n": 1, "eval_every": 1000}
     first = train_toy.train(tmp_path / "s1", train_toy.Settings(**small))
-    train_toy.write_model_card(tmp_path / "s1", first, {})
-    assert drawn[-1]["shape"] == train_toy.TASK_WEIGHTS["shape"]  # the curriculum's first phase, default mix
+    toy_card.write_model_card(tmp_path / "s1", first, {})
+    assert drawn[-1]["shape"] == toy_config.TASK_WEIGHTS["shape"]  # the curriculum's first phase, default mix
     st2 = train_toy.Settings(**small, seed=1, lr=3e-4, curriculum=False, init=str(tmp_path / "s1"),
                              task_weights={"count": 4.0})
     second = train_toy.train(tmp_path / "s2", st2)
-    assert drawn[-1] == {**train_toy.TASK_WEIGHTS, "count": 4.0}
+    assert drawn[-1] == {**toy_config.TASK_WEIGHTS, "count": 4.0}
     assert second["init_run"]["seed"] == 0 and "history" not in second["init_run"]
-    train_toy.write_model_card(tmp_path / "s2", second, {})
+    toy_card.write_model_card(tmp_path / "s2", second, {})
     card = (tmp_path / "s2" / "README.md").read_text()
     commands = [c for c in card.split("`") if c.startswith("python -m qvl.scripts.train_toy")]
     assert len(commands) == 2 and "in two stages" in card, card
