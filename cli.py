@@ -27,7 +27,7 @@ def _gen_kwargs(args) -> dict:
 
 
 def _print_stats(engine, out=sys.stderr):
-    from qvl.bench.core import peak_rss_kb
+    from qvl.bench.probe import peak_rss_kb
 
     s = engine.last_stats
     print(f"[{s.prompt_tokens} prompt tokens, first token {s.prefill_s:.2f}s (vision {s.vision_s:.2f}s), "

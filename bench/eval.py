@@ -28,7 +28,7 @@ the two argmaxes agree). Log-probs are exchanged through ``--out``/ref as float3
 question, chat markup and the reference's answer; ``Engine.text_logprobs``, one causal pass):
 hundreds of positions where the answers give a few, at the cost of storing them.
 
-Each model runs in its own subprocess, so ``peak RSS`` is that process's own peak (``VmHWM``) and
+Each model runs in its own subprocess (:mod:`qvl.bench.harness`), so ``peak RSS`` is that process's own peak (``VmHWM``) and
 ``model RSS`` its peak minus the RSS it had after imports, before loading the model (weights,
 KV cache and activations; CUDA runs report ``torch.cuda.max_memory_allocated`` as well).
 ``--in-process`` skips the subprocesses (faster; memory figures then accumulate across models).
@@ -42,13 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from qvl.bench import harness, report
+from qvl.bench.probe import peak_rss_kb, status_kb
 from qvl.export.tasks import load_records, score
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,6 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     import torch
 
     import qvl
-    from qvl.bench.core import peak_rss_kb, status_kb
 
     path, spec_dtype = parse_model(spec)
     dtype = spec_dtype or dtype
@@ -190,15 +189,13 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     return result
 
 
-def _worker(argv) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
-    logging.basicConfig(level=logging.INFO if spec.pop("verbose") else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    out = Path(spec.pop("result"))
+@harness.worker
+def model_worker(spec: dict, res: dict) -> None:
+    """:func:`run_model` in a fresh process; ``spec`` holds its arguments and the set's path."""
+    spec = dict(spec)
+    logging.getLogger().setLevel(logging.INFO if spec.pop("verbose") else logging.WARNING)
     records = load_records(spec.pop("data"), spec.pop("limit"))
-    res = run_model(spec.pop("model"), records, Path(spec.pop("ref_dir")), **spec)
-    out.write_text(json.dumps(res))
-    return 0
+    res.update(run_model(spec.pop("model"), records, Path(spec.pop("ref_dir")), **spec))
 
 
 # --- side by side ----------------------------------------------------------------------------
@@ -250,9 +247,9 @@ def evaluate(models: list[str], data, limit: int | None = None, out="qvl-eval", 
     tasks = list(dict.fromkeys(rec["task"] for rec in records))
     summary = {"data": str(data), "n": len(records), "tasks": tasks, "reference": names[0],
                "in_process": in_process, "models": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    report.write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     md = markdown(summary)
-    (out / "results.md").write_text(md)
+    report.write_atomic(out / "results.md", md)
     if plot:
         try:
             plot_results(summary, out / "accuracy_vs_size.png")
@@ -262,15 +259,12 @@ def evaluate(models: list[str], data, limit: int | None = None, out="qvl-eval", 
 
 
 def _run_subprocess(model, data, limit, ref_dir: Path, is_reference: bool, verbose: bool, kw: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="worker-", dir=ref_dir.parent) as tmp:
-        spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_file.write_text(json.dumps({"model": model, "data": str(data), "limit": limit, "ref_dir": str(ref_dir),
-                                         "is_reference": is_reference, "result": str(result_file),
-                                         "verbose": verbose, **kw}))
-        r = subprocess.run([sys.executable, "-m", "qvl.bench.eval", "--worker", str(spec_file)])
-        if r.returncode != 0 or not result_file.exists():
-            raise RuntimeError(f"evaluating {model} failed (exit code {r.returncode}); see the messages above")
-        return json.loads(result_file.read_text())
+    res = harness.run(model_worker, {"model": model, "data": str(data), "limit": limit, "ref_dir": str(ref_dir),
+                                     "is_reference": is_reference, "verbose": verbose, **kw},
+                      label=Path(parse_model(model)[0]).name)
+    if "error" in res:
+        raise RuntimeError(f"evaluating {model} failed ({res['error']}); see the messages above")
+    return res
 
 
 def _names(models: list[str]) -> list[str]:
@@ -283,7 +277,7 @@ def _names(models: list[str]) -> list[str]:
 
 
 def _fmt(x, spec: str, none: str = "n/a") -> str:
-    return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    return report.fmt(x, "{:" + spec + "}", none)
 
 
 def markdown(summary: dict) -> str:
@@ -414,9 +408,6 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        return _worker(argv[1:])
     p = argparse.ArgumentParser(prog="python -m qvl.bench.eval", description=__doc__.splitlines()[0])
     add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true")

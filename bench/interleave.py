@@ -5,8 +5,9 @@ right after step k of the others (in a rotating order), so their ratios are fair
 absolute speed is not. Each model prefills the same fixed 64-token text prompt (untimed), then
 decodes greedily one token per step; a step is embed + decoder + lm_head + argmax, batch 1.
 
-Run as ``python -m qvl.bench.interleave SPEC.json`` with SPEC {"models": {name: [path, dtype]
-or [path, dtype, quant_kernel]}, "steps": N, "threads": T, "result": OUT.json}.
+Run through :mod:`qvl.bench.harness` (``decode_worker``), or by hand as
+``python -m qvl.bench.interleave SPEC.json`` with SPEC {"models": {name: [path, dtype] or
+[path, dtype, quant_kernel]}, "steps": N, "threads": T, "result": OUT.json}.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pathlib
 import statistics
 import sys
 import time
+
+from qvl.bench import harness
 
 log = logging.getLogger("qvl.bench.interleave")
 
@@ -57,20 +60,17 @@ def measure(models: dict[str, tuple], steps: int) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    import torch
+@harness.worker
+def decode_worker(spec: dict, res: dict) -> None:
+    """``spec``: {"models": {name: [path, dtype] or [path, dtype, quant_kernel]}, "steps": N, "threads": T}."""
+    res["models"] = measure({k: tuple(v) for k, v in spec["models"].items()}, spec["steps"])
 
+
+def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    spec = json.loads(pathlib.Path((argv or sys.argv[1:])[0]).read_text())
-    torch.set_num_threads(spec["threads"])
-    res = {"threads": torch.get_num_threads()}
-    try:
-        res["models"] = measure({k: tuple(v) for k, v in spec["models"].items()}, spec["steps"])
-    except Exception as e:  # noqa: BLE001 - reported by the caller
-        log.exception("interleaved decode failed")
-        res["error"] = f"{type(e).__name__}: {e}"
-    pathlib.Path(spec["result"]).write_text(json.dumps(res, indent=2) + "\n")
-    return 1 if "error" in res else 0
+    spec_path = (argv or sys.argv[1:])[0]
+    result = json.loads(pathlib.Path(spec_path).read_text())["result"]
+    return harness.child_main(harness.kind_of(decode_worker), spec_path, result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Qwen's releases minus the calibration: speed does not depend on it) written in t
 layout (AutoGPTQ v1 sym / AutoAWQ gemm, ``quantization_config`` in config.json) and cached
 beside it. Vision tower, embeddings and the (tied) lm_head stay bf16, as in Qwen's releases.
 
-Every engine runs in a fresh process through ``qvl.bench.core``'s own measurement (same image,
+Every engine runs in a fresh process (:mod:`qvl.bench.harness`) through ``qvl.bench.core``'s own measurement (same image,
 prompt, warm-up, best-of-N greedy runs with eos ignored, threads), so the numbers compare with
 ``core-*.md``. Added per scheme: resident bytes of the decoder linears, and the bytes one
 decode step reads (decoder linears + lm_head) which, times tokens/s, is the achieved GB/s set
@@ -24,13 +24,12 @@ import logging
 import os
 import pathlib
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 
-from qvl.bench import core
+from qvl.bench import core, fixtures, harness, interleave, probe, report
+from qvl.bench.probe import GB
+from qvl.bench.report import fmt as _f
 
 log = logging.getLogger("qvl.bench.quant")
 
@@ -46,7 +45,6 @@ SCHEMES = {
     "int4-torch": ("gptq-int4", "bfloat16", "int4pack"),
     "int4-fp32": ("gptq-int4", "float32", "auto"),  # fp32 activations (torch's int4 kernel: bf16 only)
 }
-GB = core.GB
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +92,7 @@ def _write_quantized(src: pathlib.Path, out: pathlib.Path, kind: str, group: int
                 tensors[prefix + ".g_idx"] = torch.arange(t.shape[1], dtype=torch.int32) // group
             tensors.update({prefix + ".qweight": qweight, prefix + ".qzeros": qzeros, prefix + ".scales": scales})
     for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name not in ("model.safetensors.index.json", core.BUILD_MARKER):
+        if f.suffix != ".safetensors" and f.name not in ("model.safetensors.index.json", fixtures.BUILD_MARKER):
             shutil.copy2(f, out / f.name)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
@@ -105,33 +103,15 @@ def _write_quantized(src: pathlib.Path, out: pathlib.Path, kind: str, group: int
 
 def ensure_quantized(src: pathlib.Path, kind: str, group: int) -> pathlib.Path:
     """The cached ``kind`` quantization of ``src``, built atomically when missing or stale."""
-    final = src.parent / f"{src.name}-{kind}-g{group}"
     stamp = {"build_version": BUILD_VERSION, "kind": kind, "group_size": group,
-             "source": json.loads((src / core.BUILD_MARKER).read_text())}
-    marker = final / core.BUILD_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("stamp") == stamp:
-        log.info("using cached %s checkpoint %s", kind, final)
-        return final
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    log.info("RTN-quantizing %s -> %s (one time; cached)", src.name, final)
-    t0 = time.perf_counter()
-    try:
-        _write_quantized(src, tmp, kind, group)
-        (tmp / core.BUILD_MARKER).write_text(json.dumps({"stamp": stamp}, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("%s checkpoint built in %.1fs", kind, time.perf_counter() - t0)
-    return final
+             "source": fixtures.read_marker(src)}
+    return fixtures.build_cached(src.parent / f"{src.name}-{kind}-g{group}",
+                                 lambda out: _write_quantized(src, out, kind, group), {"stamp": stamp},
+                                 lambda p: (fixtures.read_marker(p) or {}).get("stamp") == stamp)
 
 
 # --------------------------------------------------------------------------------------------
-# child: core's qvl measurement, plus the bytes the loaded model holds
+# worker: core's qvl measurement, plus the bytes the loaded model holds
 
 
 def weight_bytes(model) -> dict:
@@ -152,74 +132,11 @@ def weight_bytes(model) -> dict:
             "kernels": sorted({getattr(m, "kernel", "dense") for m in linears})}
 
 
-def _child_qvl(spec: dict, res: dict) -> None:
-    import qvl
-
-    engines = []
-    load = qvl.load
-
-    def capture(*a, **kw):  # keep the engine core's child builds, to weigh its model afterwards
-        engines.append(load(*a, **kw, quant_kernel=spec.get("quant_kernel", "auto")))
-        return engines[-1]
-
-    qvl.load = capture
-    try:
-        core._child_qvl(spec, res)
-    finally:
-        qvl.load = load
-    res.update(weight_bytes(engines[0].model))
-
-
-def child_main(spec_path: str) -> int:
-    import torch
-
-    spec = json.loads(pathlib.Path(spec_path).read_text())
-    torch.set_num_threads(spec["threads"])
-    res = {"kind": "qvl", "threads": torch.get_num_threads()}
-    rc = 0
-    try:
-        _child_qvl(spec, res)
-    except Exception as e:  # noqa: BLE001 - reported in the table
-        log.exception("qvl child failed")
-        res["error"] = f"{type(e).__name__}: {e}"
-        rc = 1
-    core._memory_report(res)
-    pathlib.Path(spec["result"]).write_text(json.dumps(res, indent=2) + "\n")
-    return rc
-
-
-def run_child(spec: dict, workdir: pathlib.Path, name: str, timeout: float, cmd: list[str] | None = None) -> dict:
-    """Run a measurement in a fresh interpreter (default: the qvl child of this module)."""
-    spec = dict(spec, result=str(workdir / f"{name}.json"))
-    spec_path = workdir / f"{name}-spec.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = (cmd or ["-m", "qvl.bench.quant", "--child-spec"]) + [str(spec_path)]
-    cmd = [sys.executable] + cmd
-    jiffies0, cpu0 = core._cpu_jiffies(), core._children_cpu_s()
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace")
-        tail = (proc.stdout + proc.stderr).splitlines()[-30:]
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        tail, rc = [], None
-    result = pathlib.Path(spec["result"])
-    res = json.loads(result.read_text()) if result.is_file() else {}
-    res["child_wall_s"] = time.perf_counter() - t0
-    jiffies1, cpu1 = core._cpu_jiffies(), core._children_cpu_s()
-    if jiffies0 and jiffies1 and jiffies1[1] > jiffies0[1]:
-        # CPU the rest of the machine used meanwhile, as a share of all CPUs (as core reports it)
-        hz = os.sysconf("SC_CLK_TCK")
-        busy, total = (jiffies1[0] - jiffies0[0]) / hz, (jiffies1[1] - jiffies0[1]) / hz
-        res["other_cpu_share"] = max(0.0, (busy - (cpu1 - cpu0)) / total)
-    if rc is None:
-        res["error"] = f"timed out after {timeout:.0f}s"
-    elif rc != 0 and "error" not in res:
-        res["error"] = f"child exit code {rc}" + (" (out of memory?)" if rc == -9 else "")
-    if "error" in res:
-        res["log_tail"] = tail
-        log.error("%s: %s\n%s", name, res["error"], "\n".join(tail))
-    return res
+@harness.worker(memory=True)
+def qvl_worker(spec: dict, res: dict) -> None:
+    res["kind"] = "qvl"
+    engine = core.measure_qvl(spec, res)
+    res.update(weight_bytes(engine.model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +205,6 @@ def _interleaved_lines(result: dict) -> list[str]:
 PROMPT_NOTE = "64-token text prompt prefilled untimed, then greedy steps; embed + decoder + lm_head + argmax"
 
 
-def _f(x, fmt="{:.2f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
 def render_markdown(result: dict) -> str:
     m = result["machine"]
     bw = (result.get("bandwidth") or {}).get("bandwidth_gb_s")
@@ -301,7 +214,7 @@ def render_markdown(result: dict) -> str:
         f"{m['cpu_model']}, {m['usable_cores']} cores ({m['cpu_capability']}), torch {m['torch']}, "
         f"transformers {m['transformers']}; {m['date']}; load avg at start {m['loadavg_start'][0]:.2f}, "
         f"end {m.get('loadavg_end', [0])[0]:.2f}.",
-        f"Input: one {core.IMAGE_SIZE}x{core.IMAGE_SIZE} image + \"{core.PROMPT}\" "
+        f"Input: one {fixtures.IMAGE_SIZE}x{fixtures.IMAGE_SIZE} image + \"{fixtures.PROMPT}\" "
         f"({result.get('prompt_tokens', '?')} prompt tokens), greedy, {result['new_tokens']} new tokens, batch 1, "
         f"{result['threads']} threads, warmed up once, best of {result.get('repeats', 1)} timed runs, each engine in a "
         f"fresh process" + (f", OMP_WAIT_POLICY={result['omp_wait_policy']}. " if result.get("omp_wait_policy")
@@ -362,49 +275,46 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--wait-idle", type=float, default=0.0, help="wait up to this long for other load to go")
-    ap.add_argument("--child-spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.child_spec:
-        return child_main(args.child_spec)
-    # SIGTERM unwinds like Ctrl-C: the running child is killed, temp files removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    harness.setup()
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     if not schemes or any(s not in SCHEMES for s in schemes):
         ap.error(f"--schemes must be a subset of {','.join(SCHEMES)}")
     group = args.group_size or (128 if args.config == "qwen2vl-2b" else 32)
-    threads = args.threads or core.usable_cores()
+    threads = args.threads or probe.usable_cores()
     out = pathlib.Path(args.out)
 
-    base = core.ensure_checkpoint(args.config)
+    base = fixtures.ensure_checkpoint(args.config)
     ckpts = {s: base if SCHEMES[s][0] is None else ensure_quantized(base, SCHEMES[s][0], group) for s in schemes}
     result = {"config": args.config, "group_size": group, "new_tokens": args.new_tokens, "threads": threads,
               "repeats": args.repeats, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "schemes": schemes + (["transformers"] if args.transformers != "skip" else []),
-              "machine": core.machine_info(), "checkpoints": {s: str(p) for s, p in ckpts.items()}, "engines": {}}
+              "machine": probe.machine_info(), "checkpoints": {s: str(p) for s, p in ckpts.items()}, "engines": {}}
     with tempfile.TemporaryDirectory(prefix="qvl-bench-quant-") as work:
         work = pathlib.Path(work)
-        spec = {"image": str(core.make_image(work / "bench.png")), "new_tokens": args.new_tokens, "threads": threads,
+        spec = {"image": str(fixtures.make_image(work / "bench.png")), "new_tokens": args.new_tokens, "threads": threads,
                 "repeats": args.repeats,
                 "bandwidth_bytes": (1 << 30) if args.config == "qwen2vl-2b" else (128 << 20)}
         if args.wait_idle:
-            core.wait_for_idle(args.wait_idle)
-        bandwidth = [core.run_child("bandwidth", spec, work, args.timeout)]
+            probe.wait_for_idle(args.wait_idle)
+        bandwidth = [core.run_worker(core.bandwidth_worker, spec, args.timeout)]
         for s in schemes:
             kind, dtype, kernel = SCHEMES[s]
-            core._warm_page_cache(ckpts[s])
+            probe.warm_page_cache(ckpts[s])
             if args.wait_idle:
-                core.wait_for_idle(args.wait_idle)
+                probe.wait_for_idle(args.wait_idle)
             log.info("%s: qvl %s on %s", s, dtype, ckpts[s].name)
-            r = run_child(dict(spec, ckpt=str(ckpts[s]), dtype=dtype, quant_kernel=kernel), work, s, args.timeout)
+            r = harness.run(qvl_worker, dict(spec, ckpt=str(ckpts[s]), dtype=dtype, quant_kernel=kernel),
+                            timeout=args.timeout, label=s)
             result["engines"][s] = dict(r, act_dtype=dtype, label=f"qvl {s}" + (f" ({kind})" if kind else ""))
         if args.transformers != "skip":
             tf = _transformers_reference(out, args.new_tokens, args.config) if args.transformers == "auto" else None
             if tf is None:
-                core._warm_page_cache(base)
+                probe.warm_page_cache(base)
                 if args.wait_idle:
-                    core.wait_for_idle(args.wait_idle)
-                tf = core.run_child("transformers", dict(spec, ckpt=str(base), dtype="bfloat16"), work, args.timeout)
+                    probe.wait_for_idle(args.wait_idle)
+                tf = core.run_worker(core.transformers_worker, dict(spec, ckpt=str(base), dtype="bfloat16"),
+                                     args.timeout)
             raw = json.loads((base / "config.json").read_text())
             bpt = core.decoder_bytes_per_token(raw, "bfloat16")["bytes"]
             result["engines"]["transformers"] = dict(tf, act_dtype="bfloat16", kernels=["dense"],
@@ -412,13 +322,14 @@ def main(argv=None) -> int:
         steps = [s for s in schemes if SCHEMES[s][1] != "float32"]  # fp32 would need 9 GB more in one process
         if args.interleaved_steps and steps:
             log.info("decode steps of %s interleaved in one process", ",".join(steps))
-            result["interleaved"] = run_child(
+            result["interleaved"] = harness.run(
+                interleave.decode_worker,
                 {"models": {s: [str(ckpts[s]), *SCHEMES[s][1:]] for s in steps}, "steps": args.interleaved_steps,
-                 "threads": threads}, work, "interleaved", args.timeout, ["-m", "qvl.bench.interleave"])
+                 "threads": threads}, timeout=args.timeout, label="interleaved")
             for s, r in (result["interleaved"].get("models") or {}).items():
                 r["bytes_per_token"] = result["engines"].get(s, {}).get("bytes_per_token")
         # again at the end: the best of the two, as other processes only ever make a copy slower
-        bandwidth.append(core.run_child("bandwidth", spec, work, args.timeout))
+        bandwidth.append(core.run_worker(core.bandwidth_worker, spec, args.timeout))
     ok = [b for b in bandwidth if b.get("bandwidth_gb_s")]
     result["bandwidth"] = dict(max(ok, key=lambda b: b["bandwidth_gb_s"]) if ok else bandwidth[0],
                                measurements_gb_s=[b.get("bandwidth_gb_s") for b in bandwidth])
@@ -427,11 +338,9 @@ def main(argv=None) -> int:
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     summarize(result)
     summarize_interleaved(result)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "quant" if args.config == "qwen2vl-2b" else f"quant-{args.config}"
     md = render_markdown(result)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(md)
+    report.write_outputs(result, md, out, stem)
     print(md)
     return 0 if all("error" not in r for r in result["engines"].values()) else 1
 

@@ -21,6 +21,10 @@ import pathlib
 import shutil
 import time
 
+from qvl.bench import report
+from qvl.bench.fixtures import cache_root
+from qvl.scripts.default_model import TOY_MODEL
+
 log = logging.getLogger("qvl.bench.quant_quality")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -77,7 +81,7 @@ def open_table(ev: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "scripts" / "qvl-toy"))
+    ap.add_argument("--model", default=str(TOY_MODEL))
     ap.add_argument("--data", default=str(ROOT / "bench" / "data" / "synth-eval" / "data.jsonl"))
     ap.add_argument("--group-size", type=int, default=128, help="the ecosystem's default; qvl-toy's layers take it")
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -86,7 +90,6 @@ def main(argv=None) -> int:
     ap.add_argument("--in-process", action="store_true", help="no subprocess per model (faster; RSS accumulates)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from qvl.bench.core import cache_root
     from qvl.bench.eval import evaluate, plot_results
 
     model = pathlib.Path(args.model)
@@ -106,9 +109,9 @@ def main(argv=None) -> int:
     result = {"model": model.name, "group_size": args.group_size, "calib_samples": args.calib_samples,
               "date": time.strftime("%Y-%m-%d"), "exports": exports, "eval": ev,
               "total_s": round(time.perf_counter() - t0, 1)}
-    (out / "quant-quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    report.write_atomic(out / "quant-quality.json", json.dumps(result, indent=1) + "\n")
     md = render(result)
-    (out / "quant-quality.md").write_text(md)
+    report.write_atomic(out / "quant-quality.md", md)
     print(md)
     return 0
 

@@ -8,7 +8,7 @@ uses qwen-vl-utils' defaults (2 fps sampling, at most 768 frames, 128..768 token
 under the 128k-token total-pixels budget), so frames are upscaled to 280x392 and a 20-minute
 video becomes 768 frames, 384 frame pairs, ~54k vision tokens.
 
-Each (length, mode) runs in a fresh subprocess; peak RSS is its own (``VmHWM``), and the
+Each (length, mode) runs in a fresh subprocess (:mod:`qvl.bench.harness`); peak RSS is its own (``VmHWM``), and the
 baseline is the RSS after imports and engine load (tiny checkpoint, KV cache sized to fit).
 Modes:
 * ``qvl``: ``Engine.generate`` end to end (4 new tokens): frames decoded lazily (only sampled
@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import pathlib
-import subprocess
-import sys
 import time
 
-from qvl.bench.core import peak_rss_kb, status_kb
+from qvl.bench import fixtures, harness, report
+from qvl.bench.probe import peak_rss_kb, status_kb
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ WIDTH, HEIGHT, FPS = 64, 48, 2
 
 
 def _cache() -> pathlib.Path:
-    d = pathlib.Path(os.environ.get("QVL_BENCH_CACHE", pathlib.Path.home() / ".cache" / "qvl" / "bench"))
+    d = fixtures.cache_root()
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -61,13 +59,17 @@ def _video(minutes: float) -> pathlib.Path:
 def _checkpoint() -> pathlib.Path:
     from qvl.scripts.tiny import write_tiny_checkpoint
 
-    path = _cache() / "tiny_video_ckpt"
-    if not (path / "config.json").exists():
-        write_tiny_checkpoint(path, weights="random")
-    return path
+    return fixtures.build_cached(_cache() / "tiny_video_ckpt", lambda out: write_tiny_checkpoint(out, weights="random"),
+                                 {"weights": "random"}, lambda p: fixtures.read_marker(p) is not None)
 
 
-def _child(mode: str, video: str, ckpt: str) -> dict:
+@harness.worker
+def memory_worker(spec: dict, res: dict) -> None:
+    """``spec``: {"mode": "qvl" | "materialized", "video": PATH, "ckpt": DIR}."""
+    res.update(_measure(spec["mode"], spec["video"], spec["ckpt"]))
+
+
+def _measure(mode: str, video: str, ckpt: str) -> dict:
     import torch
 
     import qvl
@@ -98,11 +100,10 @@ def _child(mode: str, video: str, ckpt: str) -> dict:
 
 
 def _run_child(mode: str, video: pathlib.Path, ckpt: pathlib.Path) -> dict:
-    cmd = [sys.executable, "-m", "qvl.bench.video_memory", "--child", mode, "--video", str(video), "--ckpt", str(ckpt)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"{mode} child failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    res = harness.run(memory_worker, {"mode": mode, "video": str(video), "ckpt": str(ckpt)}, label=mode)
+    if "error" in res:
+        raise RuntimeError(f"{mode} child failed: {res['error']}\n" + "\n".join(res["log_tail"]))
+    return res
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -115,12 +116,11 @@ def _markdown(rows: list[dict]) -> str:
         "at most 768 frames). Tiny checkpoint (vision embed 32, text hidden 64). Peak = `VmHWM` "
         "of a fresh process; baseline = RSS after imports + `qvl.load`.",
         "",
-        "| minutes | source frames | mode | vision tokens | peak RSS MB | peak - baseline MB | seconds |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        lines.append(f"| {r['minutes']:g} | {r['source_frames']} | {r['mode']} | {r['prompt_tokens']} | "
-                     f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | {r['seconds']:.1f} |")
+    lines += report.table(
+        ["minutes", "source frames", "mode", "vision tokens", "peak RSS MB", "peak - baseline MB", "seconds"],
+        [[f"{r['minutes']:g}", r["source_frames"], r["mode"], r["prompt_tokens"], f"{r['peak_mb']:.0f}",
+          f"{r['peak_mb'] - r['baseline_mb']:.0f}", f"{r['seconds']:.1f}"] for r in rows], align="rrlrrrr")
     lines += [
         "",
         "`qvl` is the whole request (decode, resize, vision tower in chunks, prefill, 4 tokens); its "
@@ -136,13 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, nargs="+", default=[1, 5, 20])
     ap.add_argument("--modes", nargs="+", default=["qvl", "materialized"])
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--child", choices=("qvl", "materialized"), help=argparse.SUPPRESS)
-    ap.add_argument("--video", help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(_child(args.child, args.video, args.ckpt)))
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpt = _checkpoint()
     rows = []
@@ -155,9 +149,7 @@ def main(argv=None) -> int:
                         r["baseline_mb"], r["prompt_tokens"], r["seconds"])
             rows.append(r)
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "video_memory.md").write_text(_markdown(rows))
-    (out / "video_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    report.write_outputs(rows, _markdown(rows), out, "video_memory")
     logger.info("wrote %s", out / "video_memory.md")
     return 0
 

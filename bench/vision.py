@@ -2,8 +2,9 @@
 
 Run as ``python -m qvl.bench.vision [--models tiny,2b] [--reps 3] [--out bench/results]``.
 
-Models: ``tiny``, the embedded default model (``qvl demo``'s random tiny checkpoint), and
-``2b``, a random-weight tower with Qwen2-VL-2B's vision config (depth 32, embed_dim 1280,
+Models: ``tiny``, the default model (:func:`qvl.scripts.default_model.default_model_dir`:
+qvl-toy, the small model trained by ``qvl.scripts.train_toy``, or a random tiny checkpoint where
+qvl-toy does not ship), and ``2b``, a random-weight tower with Qwen2-VL-2B's vision config (depth 32, embed_dim 1280,
 16 heads, mlp_ratio 4, hidden 1536; 665M parameters) saved as a tower-only bf16 checkpoint
 (config.json + ``visual.*`` tensors) under ``$QVL_BENCH_CACHE`` (default ``~/.cache/qvl/bench``),
 with its ONNX exports (fp32, fp16) next to it; all are built once and reused.
@@ -20,32 +21,30 @@ in-graph block mask then makes attention dense over 2048 patches).
 
 Roofline: GFLOP/s = useful FLOPs of the tower (patch embed, blocks with per-frame attention,
 merger; multiply-add = 2) / min time, next to the machine's fp32 matmul peak measured in
-the same run (torch 2048^3 matmul, best of 5).
+the same run (torch 2048^3 matmul, best of 5; :func:`qvl.bench.probe.matmul_peak_gflops`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import pathlib
-import resource
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from qvl.bench.core import QWEN2_VL_2B_VISION, _cpu_model, cache_root, qwen2vl_2b_config
+from qvl.bench import probe, report
+from qvl.bench.fixtures import BUILD_MARKER, QWEN2_VL_2B_VISION, build_cached, cache_root, init_random_, qwen2vl_2b_config
 
 log = logging.getLogger("qvl.bench.vision")
 
 # largest last: the fp16 session is released before it, which keeps the 2B run under ~10 GB
 CASES = {"448x448": [(448, 448)], "2 x 448x448": [(448, 448), (448, 448)], "1280x720": [(1280, 720)]}
 FP16_CASES = ("448x448", "2 x 448x448")
-BUILD_MARKER = "qvl_bench_build.json"
 
 
 def _image(w: int, h: int, seed: int):
@@ -59,35 +58,27 @@ def _image(w: int, h: int, seed: int):
 
 def build_2b_tower(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Tower-only checkpoint: 2B config.json, random ``visual.*`` tensors in bf16 (as the release)."""
+    return build_cached(out, lambda tmp: _write_2b_tower(tmp, seed),
+                        {"seed": seed, "vision_config": QWEN2_VL_2B_VISION}, lambda p: (p / BUILD_MARKER).exists())
+
+
+def _write_2b_tower(out: pathlib.Path, seed: int) -> None:
     from safetensors.torch import save_file
 
     from qvl.model.config import VisionConfig
     from qvl.model.vision import VisionTower
     from qvl.scripts.tiny import PREPROCESSOR_CONFIG, SPECIAL_TOKENS, _write_json
 
-    if (out / BUILD_MARKER).exists():
-        return out
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
     cfg = qwen2vl_2b_config({t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)})  # the release's ids
     with torch.device("meta"):  # no fp32 copy, no default init pass over 665M parameters
         tower = VisionTower(VisionConfig.from_hf(cfg["vision_config"]))
     tower = tower.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in tower.named_parameters():  # bench/core's init: normal(0, 0.02), norms 1, biases 0
-            if p.ndim == 1:
-                p.fill_(1.0 if name.endswith(".weight") else 0.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    init_random_(tower.named_parameters(), seed)  # as bench.fixtures' 2B checkpoint
     state = {"visual." + k.replace("patch_embed.weight", "patch_embed.proj.weight"): v.contiguous()
              for k, v in tower.state_dict().items()}  # official key names
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(tmp / "config.json", cfg)
-    _write_json(tmp / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-    _write_json(tmp / BUILD_MARKER, {"seed": seed, "vision_config": QWEN2_VL_2B_VISION})
-    tmp.rename(out)
-    return out
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", cfg)
+    _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
 
 
 def ensure_export(src: pathlib.Path, out: pathlib.Path, dtype: str) -> pathlib.Path:
@@ -138,17 +129,6 @@ def _time(fns: dict, reps: int) -> dict:
     return {k: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for k, t in times.items()}
 
 
-def matmul_peak_gflops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def bench_model(name: str, src: pathlib.Path, arts: dict, reps: int, threads: int) -> list[dict]:
     from qvl.export.onnx import load_vision_tower
     from qvl.runtime.onnx_vision import OnnxVision, graph_inputs
@@ -194,7 +174,7 @@ def _export_info(arts: dict) -> dict:
     return info
 
 
-def write_markdown(result: dict, path: pathlib.Path) -> None:
+def render_markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         "# Vision encode: onnxruntime (CPU) vs torch",
@@ -233,14 +213,14 @@ def write_markdown(result: dict, path: pathlib.Path) -> None:
                          f"{e['tolerance_max_rel']:g} | {'?' if t is None else f'{t:.0f}'} |")
     lines += ["", "Errors: `qvl export onnx` validation, onnxruntime CPU vs the fp32 torch tower over "
               "3 resolutions + a 3-image batch with a 2-frame video; rel = max|diff| / max|torch|.", ""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny,2b")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=probe.usable_cores())
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -253,8 +233,8 @@ def main(argv=None) -> int:
     root = cache_root()
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["--models", args.models, "--reps", str(args.reps), "--threads", str(args.threads)]),
-              "machine": {"cpu": _cpu_model(), "threads": args.threads, "torch": torch.__version__,
-                          "onnxruntime": onnxruntime.__version__, "matmul_gflops_start": matmul_peak_gflops(),
+              "machine": {"cpu": probe.cpu_model(), "threads": args.threads, "torch": torch.__version__,
+                          "onnxruntime": onnxruntime.__version__, "matmul_gflops_start": probe.matmul_peak_gflops(),
                           "loadavg_start": os.getloadavg()},
               "rows": [], "exports": {}}
     for name in args.models.split(","):
@@ -271,16 +251,13 @@ def main(argv=None) -> int:
         result["exports"][name] = _export_info(arts)
         result["rows"] += bench_model(name, src, arts, args.reps, args.threads)
         # process-wide high-water mark so far (both backends' weights + the largest case's activations)
-        result["machine"].setdefault("peak_rss_gb_after", {})[name] = \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        result["machine"].setdefault("peak_rss_gb_after", {})[name] = probe.peak_rss_kb() * 1024 / probe.GB
     m = result["machine"]
-    m["loadavg_end"], m["matmul_gflops_end"] = os.getloadavg(), matmul_peak_gflops()
+    m["loadavg_end"], m["matmul_gflops_end"] = os.getloadavg(), probe.matmul_peak_gflops()
     m["matmul_peak_gflops"] = max(m["matmul_gflops_start"], m["matmul_gflops_end"])
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vision.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, out / "vision.md")
-    print((out / "vision.md").read_text())
+    md = render_markdown(result)
+    report.write_outputs(result, md, pathlib.Path(args.out), "vision")
+    print(md)
     return 0
 
 

@@ -6,14 +6,14 @@ import shutil
 
 import torch
 
-from qvl.bench import core, interleave, quant
+from qvl.bench import fixtures, interleave, probe, quant
 from qvl.runtime.loader import load_model
 from qvl.runtime.weights import Checkpoint
 
 
 def test_bench_quant_pieces(tiny_ckpt, tmp_path):
     src = shutil.copytree(tiny_ckpt, tmp_path / "base")
-    (src / core.BUILD_MARKER).write_text(json.dumps({"build_version": core.BUILD_VERSION}))
+    (src / fixtures.BUILD_MARKER).write_text(json.dumps({"build_version": fixtures.BUILD_VERSION}))
     dirs = {kind: quant.ensure_quantized(src, kind, 32) for kind in ("gptq-int4", "gptq-int8", "awq")}
     stamp = (dirs["awq"] / "model.safetensors").stat().st_mtime_ns
     assert quant.ensure_quantized(src, "awq", 32) == dirs["awq"]  # cached, not rebuilt
@@ -30,14 +30,14 @@ def test_bench_quant_pieces(tiny_ckpt, tmp_path):
         assert ((m.dequantize() - w).abs() <= 0.6 * step).all(), kind
 
     res = {}
-    spec = {"ckpt": str(dirs["gptq-int4"]), "image": str(core.make_image(tmp_path / "i.png", 112)),
+    spec = {"ckpt": str(dirs["gptq-int4"]), "image": str(fixtures.make_image(tmp_path / "i.png", 112)),
             "dtype": "bfloat16", "new_tokens": 3, "repeats": 1, "threads": torch.get_num_threads()}
-    quant._child_qvl(spec, res)
+    quant.qvl_worker(spec, res)
     assert res["new_tokens"] == 3 and res["decode_tok_s"] > 0 and res["kernels"] == ["int4pack"]
     assert 0 < res["decoder_linear_bytes"] < res["bytes_per_token"]
 
     result = {"config": "tiny", "group_size": 32, "new_tokens": 3, "threads": 1, "schemes": ["bf16", "int4"],
-              "machine": core.machine_info() | {"loadavg_end": [0.0]}, "prompt_tokens": res["prompt_tokens"],
+              "machine": probe.machine_info() | {"loadavg_end": [0.0]}, "prompt_tokens": res["prompt_tokens"],
               "bandwidth": {"bandwidth_gb_s": 10.0, "method": "test"},
               "engines": {"int4": dict(res, act_dtype="bfloat16"), "bf16": {"error": "skipped"}}}
     models = {"bf16": [str(src), "bfloat16"], "int4": [str(dirs["gptq-int4"]), "bfloat16"]}
