@@ -15,11 +15,27 @@ if "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "3000000")
 
 
-def load(path, **kwargs):
-    """Load a Qwen2-VL checkpoint directory; see :func:`qvl.runtime.engine.load`."""
+def load(path, **options):
+    """Load a Qwen2-VL checkpoint directory; ``options`` are :class:`qvl.LoadOptions`'s fields."""
     from qvl.runtime.engine import load as _load
 
-    return _load(path, **kwargs)
+    return _load(path, **options)
 
 
-__all__ = ["load", "__version__"]
+# The public names load lazily, so that importing qvl sets the OpenMP spin above before torch loads.
+_LAZY = {
+    "Engine": "qvl.runtime.engine", "LoadOptions": "qvl.runtime.options", "SamplingParams": "qvl.runtime.sampler",
+    "Stats": "qvl.runtime.sequence", "Handle": "qvl.runtime.sequence", "QueueFullError": "qvl.runtime.sequence",
+    "PromptTooLongError": "qvl.runtime.sequence", "RequestCancelled": "qvl.runtime.sequence",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qvl' has no attribute {name!r}")
+
+
+__all__ = ["load", "__version__", *_LAZY]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qvl.bench.eval import register as register_eval
 from qvl.export.cli import register as register_export
+from qvl.runtime.options import LoadOptions, option_names
 from qvl.scripts.default_model import cache_dir, default_model_dir
 
 log = logging.getLogger("qvl")
@@ -17,8 +18,7 @@ log = logging.getLogger("qvl")
 def _load(args):
     import qvl
 
-    return qvl.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                    vision_backend=args.vision_backend, quant_kernel=args.quant_kernel)
+    return qvl.load(args.model, **{k: getattr(args, k) for k in option_names() if hasattr(args, k)})
 
 
 def _gen_kwargs(args) -> dict:
@@ -103,6 +103,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def add_load_options(sp) -> None:
+    """The flags of ``qvl.load``'s options that a one-user command needs; defaults from LoadOptions."""
+    d = LoadOptions()
+    sp.add_argument("--device", default=d.device)
+    sp.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16 | auto")
+    sp.add_argument("--vision-backend", default=d.vision_backend, choices=["torch", "onnx"],
+                    help="onnx: run MODEL/vision.onnx in onnxruntime (made by `qvl export onnx`)")
+    sp.add_argument("--quant-kernel", default=d.quant_kernel, choices=["auto", "qvl", "int4pack", "dequant"],
+                    help="quantized checkpoints: the linears' path (auto: the fastest that runs here)")
+    sp.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qvl", description="Qwen2-VL edge runtime")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -114,13 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--model", help="checkpoint directory (default: the embedded default)")
         sp.add_argument("--image", action="append", help="image path (repeatable)")
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
-        sp.add_argument("--vision-backend", default="torch", choices=["torch", "onnx"],
-                        help="onnx: run MODEL/vision.onnx in onnxruntime (made by `qvl export onnx`)")
-        sp.add_argument("--quant-kernel", default="auto", choices=["auto", "qvl", "int4pack", "dequant"],
-                        help="quantized checkpoints: the linears' path (auto: the fastest that runs here)")
-        sp.add_argument("--max-seq-len", type=int, default=4096)
+        add_load_options(sp)
         sp.add_argument("--max-new-tokens", type=int, default=128)
         sp.add_argument("--temperature", type=float, default=0.0)
         sp.add_argument("--top-k", type=int, default=0)

@@ -114,7 +114,7 @@ class LayerInput:
 def first_layer_inputs(lw: LayerwiseModel, samples: list[list[dict]], max_tokens: int = 2048) -> list[LayerInput]:
     """Run each calibration chat through the processor, embeddings and vision tower."""
     from qvl.runtime.fetch import FetchPolicy
-    from qvl.runtime.generate import embed_prompt
+    from qvl.runtime.embed import embed_prompt
     from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
     from qvl.runtime.prompt import build_request
     from qvl.runtime.tokenizer import Tokenizer

@@ -62,7 +62,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_len: int):
+    def forward(self, x, cos, sin, mask, input_pos, kv_len: int, row: int = 0):
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, row)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
@@ -99,6 +99,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
+    def forward(self, x, cos, sin, mask, input_pos, kv_len, row: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, row)
         return x + self.mlp(self.post_attention_layernorm(x))

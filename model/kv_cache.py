@@ -18,12 +18,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, H, T, D] at positions ``input_pos`` [T]; return the full buffers' first B rows."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int = 0):
+        """Write k, v [B, H, T, D] into cache rows ``row .. row+B-1``; return those rows' full buffers.
+
+        ``input_pos`` [T]: the same positions in every row (a prefill chunk); [B, 1] with T = 1:
+        one position per row (a decode step over slots at different lengths).
+        """
         bsz = k.shape[0]
-        kb, vb = self.k[:bsz], self.v[:bsz]
-        kb.index_copy_(2, input_pos, k)
-        vb.index_copy_(2, input_pos, v)
+        kb, vb = self.k[row : row + bsz], self.v[row : row + bsz]
+        if input_pos.dim() == 2:
+            rows = torch.arange(bsz, device=k.device)
+            kb[rows, :, input_pos[:, 0]] = k[:, :, 0]  # advanced indices around a slice: [B, H, D]
+            vb[rows, :, input_pos[:, 0]] = v[:, :, 0]
+        else:
+            kb.index_copy_(2, input_pos, k)
+            vb.index_copy_(2, input_pos, v)
         return kb, vb
 
     @staticmethod

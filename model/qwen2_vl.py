@@ -48,18 +48,19 @@ class Qwen2VL(nn.Module):
             layer.self_attn.kv_cache = KVCache(max_batch, t.num_key_value_heads, max_seq, t.head_dim, dtype, device)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
-        """embeds [B, T, D], M-RoPE ids [3, B, T], cache slots ``input_pos`` [T].
+                mask: torch.Tensor | None = None, kv_len: int | None = None, row: int = 0) -> torch.Tensor:
+        """embeds [B, T, D], M-RoPE ids [3, B, T], cache positions ``input_pos`` [T] (shared by
+        the rows) or [B, 1] (one per row, T = 1), written in cache rows ``row .. row+B-1``.
 
         ``mask`` [B, 1, T, kv_len] bool (True = attend) or None for a causal prefill that
-        starts at slot 0. Keys beyond ``kv_len`` (default: the whole cache) are not read.
+        starts at position 0. Keys beyond ``kv_len`` (default: the whole cache) are not read.
         Returns the final-normed hidden states [B, T, D].
         """
         kv_len = self.max_seq if kv_len is None else kv_len
         cos, sin = self.rope(positions, embeds.dtype)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, kv_len)
+            x = layer(x, cos, sin, mask, input_pos, kv_len, row)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

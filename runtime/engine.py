@@ -1,22 +1,28 @@
-"""Public API: ``qvl.load(path, ...) -> Engine`` with ``generate`` and ``stream``."""
+"""Public API: ``qvl.load(path, **LoadOptions) -> Engine`` with ``submit``, ``generate``, ``stream``,
+``score`` and ``text_logprobs``, safe to call from many threads at once."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from qvl.runtime.core import EngineCore
 from qvl.runtime.fetch import FetchPolicy
-from qvl.runtime.generate import Stats, generate_ids, sequence_logprobs
 from qvl.runtime.loader import load_model, read_config
 from qvl.runtime.onnx_vision import OnnxVision
+from qvl.runtime.options import LoadOptions
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
-from qvl.runtime.prompt import build_request
-from qvl.runtime.sampler import Sampler, SamplingParams
+from qvl.runtime.prompt import Request, build_request
+from qvl.runtime.runner import ModelRunner
+from qvl.runtime.sampler import SamplingParams
+from qvl.runtime.scheduler import Scheduler
+from qvl.runtime.sequence import Handle, PromptTooLongError, Sequence, Stats
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
 
@@ -35,74 +41,119 @@ def _stop_ids(path: Path, tokenizer: Tokenizer) -> set[int]:
 
 
 class Engine:
-    def __init__(self, path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1, allow_remote=None,
-                 vision_backend="torch", quant_kernel="auto"):
+    """A loaded model and the loop that serves it. Every method may be called from any thread
+    at once: requests share the KV cache's slots and decode together (``qvl.runtime.core``)."""
+
+    def __init__(self, path, **options):
+        opts = self.options = LoadOptions(**options)
         path = Path(path)
         t0 = time.perf_counter()
-        self.device = torch.device(device)
-        if vision_backend not in ("torch", "onnx"):
-            raise ValueError(f"vision_backend {vision_backend!r}: use 'torch' or 'onnx'")
+        self.device = torch.device(opts.device)
+        if opts.vision_backend not in ("torch", "onnx"):
+            raise ValueError(f"vision_backend {opts.vision_backend!r}: use 'torch' or 'onnx'")
         self.vision = None  # None: the model's own torch tower
-        if vision_backend == "onnx":  # checked before the weights load: a wrong file fails fast
+        if opts.vision_backend == "onnx":  # checked before the weights load: a wrong file fails fast
             merge = read_config(path)[0].vision.spatial_merge_size
             self.vision = OnnxVision.from_checkpoint(path, merge)
-        self.model = load_model(path, dtype=dtype, device=self.device, vision=self.vision is None,
-                                quant_kernel=quant_kernel)
+        self.model = load_model(path, dtype=opts.dtype, device=self.device, vision=self.vision is None,
+                                quant_kernel=opts.quant_kernel)
         self.dtype = self.model.embed_tokens.weight.dtype
-        self.model.setup_caches(max_batch, max_seq_len, self.dtype, self.device)
+        self.model.setup_caches(opts.max_batch, opts.max_seq_len, self.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(path)
         self.processor = ImageProcessor(ImageProcessorConfig.from_dir(path))
         self.video_processor = VideoProcessor(VideoProcessorConfig.from_dir(path))
-        self.fetch_policy = FetchPolicy.from_env(allow_remote)
+        self.fetch_policy = FetchPolicy.from_env(opts.allow_remote)
         self.stop_ids = _stop_ids(path, self.tokenizer)
         cfg = self.model.cfg
-        self.pad_id = self._pad_id(path)
         self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
+        runner = ModelRunner(self.model, self.vision, self.image_token_id, self.video_token_id, self.device,
+                             opts.prefill_chunk, opts.decode_kv, opts.cuda_graphs)
+        self._core = EngineCore(runner, Scheduler(opts.max_batch, opts.max_queue), self.tokenizer)
+        weakref.finalize(self, self._core.stop)
         self.load_s = time.perf_counter() - t0
         self.last_stats = Stats()
-        log.info("qvl engine ready in %.2fs (max_seq_len=%d, max_batch=%d)", self.load_s, max_seq_len, max_batch)
+        log.info("qvl engine ready in %.2fs (max_seq_len=%d, max_batch=%d)", self.load_s, opts.max_seq_len,
+                 opts.max_batch)
 
-    def _pad_id(self, path: Path) -> int:
-        f = path / "generation_config.json"
-        if f.exists():
-            pad = json.loads(f.read_text()).get("pad_token_id")
-            if pad is not None:
-                return int(pad)
-        return min(self.stop_ids)
+    def close(self) -> None:
+        """Stop the engine loop; running requests end with an error."""
+        self._core.stop()
 
-    def _run(self, batch, max_new_tokens, sampling: SamplingParams, add_vision_id, ignore_eos, sampler=None):
+    def _request(self, messages, add_vision_id: bool) -> Request:
+        merge = self.model.cfg.vision.spatial_merge_size
+        return build_request(messages, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
+                             self.fetch_policy)
+
+    def submit(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+               seed=None, stop=(), add_vision_id=False, ignore_eos=False) -> Handle:
+        """Queue one conversation; returns its ``Handle`` at once (iterate it, ``.result()``,
+        ``.cancel()``, ``.stats``). Messages are read, fetched and preprocessed here, in the
+        caller's thread, so a bad input raises here and never reaches the loop. ``stop``: strings
+        that end the answer (not included in its text). Raises ``QueueFullError`` when every slot
+        is busy and ``max_queue`` requests wait."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        merge = self.model.cfg.vision.spatial_merge_size
-        reqs = [build_request(m, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
-                              self.fetch_policy) for m in batch]
-        self.last_stats = Stats()
-        sampler = Sampler(sampling, self.device) if sampler is None else sampler
-        return generate_ids(self.model, reqs, sampler, max_new_tokens, self.stop_ids,
-                            self.pad_id, self.image_token_id, self.video_token_id, self.last_stats,
-                            self.device, ignore_eos, vision=self.vision)
+        if isinstance(stop, str):
+            stop = (stop,)
+        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        req = self._request(messages, add_vision_id)
+        max_seq = self.model.max_seq
+        if len(req.ids) >= max_seq:
+            raise PromptTooLongError(f"prompt of {len(req.ids)} tokens does not fit the KV cache (max_seq_len="
+                                     f"{max_seq}); load with a larger max_seq_len or shrink the images (max_pixels)")
+        if len(req.ids) + max_new_tokens > max_seq:
+            log.warning("max_new_tokens=%d cut to %d to fit max_seq_len=%d", max_new_tokens, max_seq - len(req.ids),
+                        max_seq)
+            max_new_tokens = max_seq - len(req.ids)
+        seq = Sequence(req, sampling, max_new_tokens, frozenset(self.stop_ids), tuple(stop), ignore_eos)
+        return self._submit(seq)
 
-    def generate_ids(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
-                     repetition_penalty=1.0, seed=None, add_vision_id=False, ignore_eos=False):
+    def _submit(self, seq: Sequence) -> Handle:
+        self._core.submit(seq)
+        return Handle(seq, self._core.wake)
+
+    def generate_ids(self, messages, max_new_tokens=128, **kw):
         """Like ``generate`` but returns the new token ids per conversation (stop token included)."""
         single = _is_single(messages)
-        batch = [messages] if single else list(messages)
-        sp = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        out = [[] for _ in batch]
-        done = [False] * len(batch)
-        for nxt in self._run(batch, max_new_tokens, sp, add_vision_id, ignore_eos):
-            for b, tok in enumerate(nxt.tolist()):
-                if not done[b]:
-                    out[b].append(tok)
-                    done[b] = (tok in self.stop_ids) and not ignore_eos
+        handles = []
+        try:
+            for conv in [messages] if single else list(messages):
+                handles.append(self.submit(conv, max_new_tokens, **kw))
+            out = [h.result() for h in handles]
+        finally:
+            for h in handles:
+                h.cancel()
+        self.last_stats = Stats.combine([h.stats for h in handles])
         return out[0] if single else out
 
     def generate(self, messages, max_new_tokens=128, **kw):
-        """One conversation -> str; a list of conversations -> list[str] (run as one batch)."""
+        """One conversation -> str; a list of conversations -> list[str] (decoded side by side)."""
+        if kw.get("stop"):
+            answers = [self._text(conv, max_new_tokens, kw) for conv in ([messages] if _is_single(messages)
+                                                                         else messages)]
+            return answers[0] if _is_single(messages) else answers
         ids = self.generate_ids(messages, max_new_tokens, **kw)
         if _is_single(messages):
             return self.tokenizer.decode(ids)
         return [self.tokenizer.decode(x) for x in ids]
+
+    def _text(self, conv, max_new_tokens, kw) -> str:
+        h = self.submit(conv, max_new_tokens, **kw)
+        text = "".join(h.text())
+        self.last_stats = h.stats
+        return text
+
+    def stream(self, messages, max_new_tokens=128, **kw) -> Iterator[str]:
+        """Yield text pieces of one conversation's answer as they are decoded. Closing or dropping
+        the generator cancels the request and frees its slot."""
+        if not _is_single(messages):
+            raise ValueError("stream() takes one conversation (a list of message dicts)")
+        h = self.submit(messages, max_new_tokens, **kw)
+        try:
+            yield from h.text()
+        finally:
+            h.cancel()
+        self.last_stats = h.stats
 
     def score(self, messages, answer_ids, add_vision_id=False) -> torch.Tensor:
         """Teacher-forced log-probabilities [len(answer_ids), vocab] (float32, on the CPU).
@@ -116,10 +167,13 @@ class Engine:
         answer_ids = [int(i) for i in answer_ids]
         if not answer_ids:
             raise ValueError("score() needs at least one answer token")
-        forced = _ForcedTokens(answer_ids, self.device)
-        for _ in self._run([messages], len(answer_ids), SamplingParams(), add_vision_id, True, sampler=forced):
-            pass
-        return torch.stack(forced.rows)
+        req = self._request(messages, add_vision_id)
+        if len(req.ids) + len(answer_ids) > self.model.max_seq:
+            raise PromptTooLongError(f"prompt + answer of {len(req.ids) + len(answer_ids)} tokens does not fit "
+                                     f"the KV cache (max_seq_len={self.model.max_seq})")
+        seq = Sequence(req, SamplingParams(), len(answer_ids), frozenset(), ignore_eos=True, forced=answer_ids)
+        self._submit(seq).result()
+        return torch.stack(seq.rows)
 
     def text_logprobs(self, messages, answer_ids=(), add_vision_id=False) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probabilities [N, vocab] (float32, CPU) for every text token of the
@@ -131,42 +185,16 @@ class Engine:
         """
         if not _is_single(messages):
             raise ValueError("text_logprobs() takes one conversation (a list of message dicts)")
-        merge = self.model.cfg.vision.spatial_merge_size
-        req = build_request(messages, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
-                            self.fetch_policy)
-        return sequence_logprobs(self.model, req, list(answer_ids), self.image_token_id, self.video_token_id,
-                                 self.device, vision=self.vision)
-
-    def stream(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
-               repetition_penalty=1.0, seed=None, add_vision_id=False, ignore_eos=False) -> Iterator[str]:
-        """Yield text pieces of one conversation's answer as they are decoded."""
-        if not _is_single(messages):
-            raise ValueError("stream() takes one conversation (a list of message dicts)")
-        sp = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        dec = self.tokenizer.stream_decoder()
-        for nxt in self._run([messages], max_new_tokens, sp, add_vision_id, ignore_eos):
-            tok = int(nxt[0])
-            piece = dec.push(tok)
-            if piece:
-                yield piece
-            if tok in self.stop_ids and not ignore_eos:
-                break
-        tail = dec.flush()
-        if tail:
-            yield tail
-
-
-class _ForcedTokens:
-    """Stands in for the sampler: keeps each step's log-probs and feeds the given token instead."""
-
-    def __init__(self, ids: list[int], device):
-        self.ids = torch.tensor(ids, dtype=torch.int64, device=device)
-        self.rows: list[torch.Tensor] = []
-
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        self.rows.append(torch.log_softmax(logits[0].float(), dim=-1).cpu())
-        k = len(self.rows) - 1
-        return self.ids[k : k + 1]
+        req = self._request(messages, add_vision_id)
+        req.ids = list(req.ids) + [int(i) for i in answer_ids]
+        if len(req.ids) > self.model.max_seq:
+            raise PromptTooLongError(f"prompt + answer of {len(req.ids)} tokens does not fit the KV cache "
+                                     f"(max_seq_len={self.model.max_seq})")
+        seq = Sequence(req, SamplingParams(), 1, frozenset(), prompt_logprobs=True)
+        self._submit(seq).result()
+        targets = seq.work.get("targets") or [torch.zeros(0, dtype=torch.int64)]
+        rows = seq.rows or [torch.zeros(0, self.model.cfg.text.vocab_size)]
+        return torch.cat(rows), torch.cat(targets)
 
 
 def _is_single(messages) -> bool:
@@ -176,19 +204,6 @@ def _is_single(messages) -> bool:
     return isinstance(messages[0], dict)
 
 
-def load(path, device="cpu", dtype="float32", max_seq_len=4096, max_batch=1, allow_remote=None,
-         vision_backend="torch", quant_kernel="auto") -> Engine:
-    """Load a Qwen2-VL checkpoint directory for inference.
-
-    ``dtype``: "float32", "bfloat16", "float16" or "auto" (the checkpoint's). The KV cache,
-    ``[max_batch, kv_heads, max_seq_len, head_dim]`` per layer, is allocated here once.
-    ``allow_remote``: fetch http(s) images/videos named in messages (default: the
-    ``QVL_ALLOW_REMOTE`` env var, else off); limits in ``engine.fetch_policy``.
-    ``vision_backend``: "torch", or "onnx" to run the vision tower from ``path/vision.onnx`` in
-    onnxruntime (see ``qvl export onnx``); its torch weights are then not loaded.
-    ``quant_kernel`` (quantized checkpoints): "auto" (fastest that runs here), "qvl" (qvl's
-    AVX-512 CPU kernel), "int4pack" (torch's int4 kernel) or "dequant"; a named kernel that
-    cannot run a layer is an error.
-    """
-    return Engine(path, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
-                  allow_remote=allow_remote, vision_backend=vision_backend, quant_kernel=quant_kernel)
+def load(path, **options) -> Engine:
+    """Load a Qwen2-VL checkpoint directory for inference; ``options`` are ``LoadOptions``'s fields."""
+    return Engine(path, **options)

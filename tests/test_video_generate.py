@@ -13,7 +13,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 import qvl
 from qvl.model.rope import rope_index
-from qvl.runtime.generate import encode_video
+from qvl.runtime.embed import encode_video
 from qvl.runtime.prompt import build_request
 from qvl.runtime.video import fetch_video
 from qvl.scripts.sample_videos import moving_squares, write_video

@@ -1,0 +1,47 @@
+"""The options of ``qvl.load``, declared once (the engine and the CLI read them from here).
+
+Torch-free, so the command line can build its flags without loading torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What ``qvl.load`` takes besides the checkpoint path (the one place these are declared).
+
+    ``dtype``: "float32", "bfloat16", "float16" or "auto" (the checkpoint's).
+    ``max_seq_len``, ``max_batch``: the KV cache, ``[max_batch, kv_heads, max_seq_len, head_dim]``
+    per layer, allocated once at load; ``max_batch`` requests decode side by side, one per slot.
+    ``max_queue``: requests that may wait for a slot; one more is refused with ``QueueFullError``.
+    ``prefill_chunk``: prompt tokens per prefill step, the most a new prompt delays running streams.
+    ``allow_remote``: fetch http(s) images/videos named in messages (default: the
+    ``QVL_ALLOW_REMOTE`` env var, else off); limits in ``engine.fetch_policy``.
+    ``vision_backend``: "torch", or "onnx" to run the vision tower from ``path/vision.onnx`` in
+    onnxruntime (see ``qvl export onnx``); its torch weights are then not loaded.
+    ``quant_kernel`` (quantized checkpoints): "auto" (fastest that runs here), "qvl" (qvl's
+    AVX-512 CPU kernel), "int4pack" (torch's int4 kernel) or "dequant"; a named kernel that
+    cannot run a layer is an error.
+    ``decode_kv``: "full" (fixed shapes, the whole cache under a mask) or "live" (the longest live
+    prefix); default "full" where the step is a CUDA graph, else "live".
+    ``cuda_graphs``: capture the decode step per batch bucket (default: on for CUDA devices).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_seq_len: int = 4096
+    max_batch: int = 1
+    max_queue: int = 64
+    prefill_chunk: int = 256
+    allow_remote: bool | None = None
+    vision_backend: str = "torch"
+    quant_kernel: str = "auto"
+    decode_kv: str | None = None
+    cuda_graphs: bool | None = None
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(LoadOptions)]
