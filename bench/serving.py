@@ -1,0 +1,181 @@
+"""Serving benchmark: concurrent streams on one engine against the same requests one after another.
+
+Run as ``python -m qvl.bench.serving [--schemes bf16,int4] [--streams 1,2,4,8] [--max-batch 4]``
+(``--device cuda --cuda-graphs both`` on a GPU: each scheme with and without the captured decode
+step).
+
+Every request is a short text chat of its own (a different question, so no two prompts are
+equal) answered with ``--new-tokens`` tokens, eos ignored, greedy. For each stream count N, N
+threads submit at once to an engine loaded with ``max_batch`` slots (beyond them requests
+queue); the same N requests then run one after another on that engine. Reported per N: aggregate
+tokens/s (all new tokens over the wall time from the first submit to the last token), p50 / p99
+time to first token (submit -> first token, queueing included) and the speed-up over one after
+another. Each scheme runs in a fresh process (:mod:`qvl.bench.harness`); the checkpoints are the
+benchmarks' random-weight Qwen2-VL-2B (:mod:`qvl.bench.fixtures`) and its RTN GPTQ-Int4 layout
+(:mod:`qvl.bench.quant`), so decode reads what a real 2B reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import statistics
+import threading
+import time
+
+from qvl.bench import fixtures, harness, probe, report
+from qvl.bench.report import fmt
+
+log = logging.getLogger("qvl.bench.serving")
+
+# name -> (checkpoint kind from qvl.bench.quant, activation dtype)
+SCHEMES = {"bf16": (None, "bfloat16"), "int4": ("gptq-int4", "bfloat16"), "int8": ("gptq-int8", "bfloat16"),
+           "fp32": (None, "float32")}
+TOPICS = ["robots", "rivers", "clocks", "bridges", "gardens", "comets", "trains", "violins", "glaciers", "markets",
+          "lighthouses", "bees"]
+
+
+def _messages(i: int) -> list[dict]:
+    topic = TOPICS[i % len(TOPICS)]
+    return [{"role": "user", "content": [{"type": "text", "text": f"Write a short story about {topic} ({i})."}]}]
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _one_request(engine, i: int, new_tokens: int, t_start: float, out: dict) -> None:
+    t0 = time.perf_counter()
+    h = engine.submit(_messages(i), max_new_tokens=new_tokens, ignore_eos=True)
+    first = None
+    n = 0
+    for tok, _ in h:
+        if tok is None:  # the text held back until the end, not a token
+            continue
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    out[i] = {"ttft_s": first - t0, "tokens": n, "end": time.perf_counter() - t_start}
+
+
+def _concurrent(engine, first: int, n: int, new_tokens: int) -> dict:
+    out: dict = {}
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=_one_request, args=(engine, first + k, new_tokens, t0, out)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _summary(list(out.values()), time.perf_counter() - t0)
+
+
+def _sequential(engine, first: int, n: int, new_tokens: int) -> dict:
+    out: dict = {}
+    t0 = time.perf_counter()
+    for k in range(n):
+        _one_request(engine, first + k, new_tokens, t0, out)
+    return _summary(list(out.values()), time.perf_counter() - t0)
+
+
+def _summary(rows: list[dict], wall: float) -> dict:
+    ttft = [r["ttft_s"] for r in rows]
+    tokens = sum(r["tokens"] for r in rows)
+    return {"requests": len(rows), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": _percentile(ttft, 0.99)}
+
+
+@harness.worker(memory=True)
+def serve_worker(spec: dict, res: dict) -> None:
+    import qvl
+
+    eng = qvl.load(spec["ckpt"], device=spec["device"], dtype=spec["dtype"], max_seq_len=spec["max_seq_len"],
+                   max_batch=spec["max_batch"], cuda_graphs=spec.get("cuda_graphs"))
+    res["load_s"] = eng.load_s
+    res["decode_kv"] = eng._core.runner.decode_kv
+    res["cuda_graphs"] = eng._core.runner.cuda_graphs
+    new = spec["new_tokens"]
+    _concurrent(eng, 1000, spec["max_batch"], 4)  # warm-up: every batch bucket up to max_batch once
+    res["rows"] = []
+    for k, n in enumerate(spec["streams"]):
+        conc = _concurrent(eng, 100 * k, n, new)
+        seq = _sequential(eng, 100 * k, n, new)
+        res["rows"].append({"streams": n, "concurrent": conc, "sequential": seq,
+                            "speedup": conc["tok_s"] / seq["tok_s"]})
+        log.info("%d streams: %.2f tok/s together, %.2f one after another (x%.2f), TTFT p50 %.2fs p99 %.2fs",
+                 n, conc["tok_s"], seq["tok_s"], conc["tok_s"] / seq["tok_s"], conc["ttft_p50_s"],
+                 conc["ttft_p99_s"])
+
+
+def render(result: dict) -> str:
+    lines = [f"# Serving: concurrent streams vs one after another ({result['config']}, {result['device']})", "",
+             f"max_batch {result['max_batch']}, {result['new_tokens']} new tokens a request (greedy, eos ignored), "
+             f"short text prompts, {result['threads']} threads; {probe.cpu_model()}.", "",
+             "Aggregate tok/s = all new tokens / wall time from the first submit to the last token; TTFT = submit -> "
+             "first token, queueing included. 'One after another' runs the same requests on the same engine.", ""]
+    rows = []
+    for name, r in result["engines"].items():
+        if "error" in r:
+            rows.append([name, "error: " + str(r["error"])[:80], "", "", "", "", ""])
+            continue
+        for row in r["rows"]:
+            c, s = row["concurrent"], row["sequential"]
+            rows.append([name, row["streams"], fmt(c["tok_s"]), fmt(s["tok_s"]), fmt(row["speedup"], "x{:.2f}"),
+                         fmt(c["ttft_p50_s"]), fmt(c["ttft_p99_s"])])
+    lines += report.table(["engine", "streams", "tok/s together", "tok/s one after another", "speed-up",
+                           "TTFT p50 s", "TTFT p99 s"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schemes", default="bf16,int4", help=f"comma-separated subset of {','.join(SCHEMES)}")
+    ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--config", choices=("qwen2vl-2b", "tiny"), default="qwen2vl-2b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off", "both"), default="auto",
+                    help="both: every scheme with and without the captured decode step (CUDA)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    harness.setup()
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if not schemes or any(s not in SCHEMES for s in schemes):
+        ap.error(f"--schemes must be a subset of {','.join(SCHEMES)}")
+    streams = [int(x) for x in args.streams.split(",")]
+    threads = args.threads or probe.usable_cores()
+    graphs = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
+
+    from qvl.bench.quant import ensure_quantized
+
+    base = fixtures.ensure_checkpoint(args.config)
+    group = 128 if args.config == "qwen2vl-2b" else 32
+    result = {"config": args.config, "device": args.device, "max_batch": args.max_batch, "streams": streams,
+              "new_tokens": args.new_tokens, "threads": threads, "machine": probe.machine_info(), "engines": {}}
+    for s in schemes:
+        kind, dtype = SCHEMES[s]
+        ckpt = base if kind is None else ensure_quantized(base, kind, group)
+        probe.warm_page_cache(ckpt)
+        for g in graphs:
+            name = s + {None: "", False: " (eager)", True: " (CUDA graphs)"}[g]
+            log.info("%s on %s", name, ckpt.name)
+            spec = {"ckpt": str(ckpt), "device": args.device, "dtype": dtype, "max_seq_len": args.max_seq_len,
+                    "max_batch": args.max_batch, "new_tokens": args.new_tokens, "streams": streams,
+                    "threads": threads, "cuda_graphs": g}
+            result["engines"][name] = harness.run(serve_worker, spec, timeout=args.timeout, label=name)
+    stem = "serving" if args.device == "cpu" else f"serving-{args.device.split(':')[0]}"
+    md = render(result)
+    report.write_outputs(result, md, pathlib.Path(args.out), stem)
+    print(md)
+    return 0 if all("error" not in r for r in result["engines"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
