@@ -2,7 +2,7 @@
 
 Run as ``python -m qvl.bench.serving [--schemes bf16,int4] [--streams 1,2,4,8] [--max-batch 4]``
 (``--device cuda --cuda-graphs both`` on a GPU: each scheme with and without the captured decode
-step).
+step; ``--decode-kv both``: the fixed-shape step over the whole cache against the longest live prefix).
 
 Every request is a short text chat of its own (a different question, so no two prompts are
 equal) answered with ``--new-tokens`` tokens, eos ignored, greedy. For each stream count N, N
@@ -93,7 +93,7 @@ def serve_worker(spec: dict, res: dict) -> None:
     import qvl
 
     eng = qvl.load(spec["ckpt"], device=spec["device"], dtype=spec["dtype"], max_seq_len=spec["max_seq_len"],
-                   max_batch=spec["max_batch"], cuda_graphs=spec.get("cuda_graphs"))
+                   max_batch=spec["max_batch"], cuda_graphs=spec.get("cuda_graphs"), decode_kv=spec.get("decode_kv"))
     res["load_s"] = eng.load_s
     res["decode_kv"] = eng._core.runner.decode_kv
     res["cuda_graphs"] = eng._core.runner.cuda_graphs
@@ -141,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cuda-graphs", choices=("auto", "on", "off", "both"), default="auto",
                     help="both: every scheme with and without the captured decode step (CUDA)")
+    ap.add_argument("--decode-kv", choices=("auto", "full", "live", "both"), default="auto",
+                    help="the decode step's keys: the whole cache (fixed shapes) or the longest live prefix")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--out", default="bench/results")
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
     streams = [int(x) for x in args.streams.split(",")]
     threads = args.threads or probe.usable_cores()
     graphs = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
+    kvs = {"auto": [None], "full": ["full"], "live": ["live"], "both": ["full", "live"]}[args.decode_kv]
+    variants = [(g, kv) for g in graphs for kv in kvs if not (g and kv == "live")]  # a graph reads the full cache
 
     from qvl.bench.quant import ensure_quantized
 
@@ -163,12 +167,12 @@ def main(argv=None) -> int:
         kind, dtype = SCHEMES[s]
         ckpt = base if kind is None else ensure_quantized(base, kind, group)
         probe.warm_page_cache(ckpt)
-        for g in graphs:
-            name = s + {None: "", False: " (eager)", True: " (CUDA graphs)"}[g]
+        for g, kv in variants:
+            name = s + {None: "", False: " eager", True: " CUDA graphs"}[g] + ("" if kv is None else f" kv={kv}")
             log.info("%s on %s", name, ckpt.name)
             spec = {"ckpt": str(ckpt), "device": args.device, "dtype": dtype, "max_seq_len": args.max_seq_len,
                     "max_batch": args.max_batch, "new_tokens": args.new_tokens, "streams": streams,
-                    "threads": threads, "cuda_graphs": g}
+                    "threads": threads, "cuda_graphs": g, "decode_kv": kv}
             result["engines"][name] = harness.run(serve_worker, spec, timeout=args.timeout, label=name)
     stem = "serving" if args.device == "cpu" else f"serving-{args.device.split(':')[0]}"
     md = render(result)

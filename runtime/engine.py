@@ -22,7 +22,7 @@ from qvl.runtime.prompt import Request, build_request
 from qvl.runtime.runner import ModelRunner
 from qvl.runtime.sampler import SamplingParams
 from qvl.runtime.scheduler import Scheduler
-from qvl.runtime.sequence import Handle, PromptTooLongError, Sequence, Stats
+from qvl.runtime.sequence import Handle, PromptTooLongError, QueueFullError, Sequence, Stats
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
 
@@ -115,10 +115,19 @@ class Engine:
     def generate_ids(self, messages, max_new_tokens=128, **kw):
         """Like ``generate`` but returns the new token ids per conversation (stop token included)."""
         single = _is_single(messages)
-        handles = []
+        handles: list[Handle] = []
+        waited = 0  # a list longer than the queue waits for its own earlier answers, not an error
         try:
             for conv in [messages] if single else list(messages):
-                handles.append(self.submit(conv, max_new_tokens, **kw))
+                while True:
+                    try:
+                        handles.append(self.submit(conv, max_new_tokens, **kw))
+                        break
+                    except QueueFullError:
+                        if waited == len(handles):
+                            raise
+                        handles[waited].result()
+                        waited += 1
             out = [h.result() for h in handles]
         finally:
             for h in handles:

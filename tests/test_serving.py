@@ -289,7 +289,9 @@ def test_the_queue_bound_holds(tiny_ckpt, convs):
         eng.submit(convs["text_short"], max_new_tokens=3)
     gate.set()
     assert all(len(h.result()) == 3 for h in handles)
-    assert len(eng.generate_ids(convs["text_short"], max_new_tokens=3, ignore_eos=True)) == 3
+    # a list longer than slots + queue waits for its own answers instead of failing
+    many = eng.generate_ids([convs["text_short"]] * 7, max_new_tokens=3, ignore_eos=True)
+    assert many == [handles[0].result()] * 7
 
 
 def test_stop_strings_cut_the_answer(engine, convs, alone):
@@ -309,3 +311,16 @@ def test_per_request_stats(engine, convs):
     assert s.prompt_tokens == len(engine._request(convs["image"], False).ids)
     assert 0 < s.prefill_s <= s.ttft_s and s.vision_s > 0 and s.decode_tok_s > 0
     assert h.finish_reason == "length"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_step_equals_the_eager_step(tiny_ckpt, convs):
+    runs = {}
+    for graphs in (False, True):
+        eng = qvl.load(tiny_ckpt, device="cuda", max_seq_len=512, max_batch=4, cuda_graphs=graphs, decode_kv="full")
+        runs[graphs] = _run_threads(lambda i: eng.generate_ids(convs[JOBS[i][0]], max_new_tokens=JOBS[i][1],
+                                                               ignore_eos=True, **JOBS[i][2]), len(JOBS))
+        runs[(graphs, "rows")] = eng.score(convs["image"], list(range(20, 40)))
+        assert bool(eng._core.runner._graphs) == graphs
+    assert runs[True] == runs[False]
+    torch.testing.assert_close(runs[(True, "rows")], runs[(False, "rows")], atol=1e-5, rtol=1e-5)
