@@ -28,9 +28,10 @@ the two argmaxes agree). Log-probs are exchanged through ``--out``/ref as float3
 question, chat markup and the reference's answer; ``Engine.text_logprobs``, one causal pass):
 hundreds of positions where the answers give a few, at the cost of storing them.
 
-Each model runs in its own subprocess (:mod:`qvl.bench.harness`), so ``peak RSS`` is that process's own peak (``VmHWM``) and
-``model RSS`` its peak minus the RSS it had after imports, before loading the model (weights,
-KV cache and activations; CUDA runs report ``torch.cuda.max_memory_allocated`` as well).
+Each model runs in its own subprocess (:mod:`qvl.bench.harness`), so ``peak RSS`` is that
+process's own peak (``VmHWM``) and ``model RSS`` its peak minus the RSS it had after imports,
+before loading the model (weights, KV cache and activations; CUDA runs report
+``torch.cuda.max_memory_allocated`` as well).
 ``--in-process`` skips the subprocesses (faster; memory figures then accumulate across models).
 Speed: decode tok/s = (new tokens - 1) / decode time summed over the set, first-token latency
 averaged, after one warm-up answer; batch 1, greedy. Size: the weight files on disk, and the

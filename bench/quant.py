@@ -2,17 +2,18 @@
 
 Run as ``python -m qvl.bench.quant [--schemes fp32,bf16,int8,int4,awq] [--new-tokens 32]``.
 
-The float checkpoint is :mod:`qvl.bench.core`'s cached random-weight Qwen2-VL-2B (bf16). Each
-quantized scheme is an RTN quantization of its decoder linears (group 128, the recipe of
-Qwen's releases minus the calibration: speed does not depend on it) written in the official
-layout (AutoGPTQ v1 sym / AutoAWQ gemm, ``quantization_config`` in config.json) and cached
-beside it. Vision tower, embeddings and the (tied) lm_head stay bf16, as in Qwen's releases.
+The float checkpoint is the benchmarks' cached random-weight Qwen2-VL-2B (bf16,
+:mod:`qvl.bench.fixtures`, as ``qvl.bench.core`` uses). Each quantized scheme is an RTN
+quantization of its decoder linears (group 128, the recipe of Qwen's releases minus the
+calibration: speed does not depend on it) written in the official layout (AutoGPTQ v1 sym /
+AutoAWQ gemm, ``quantization_config`` in config.json) and cached beside it. Vision tower,
+embeddings and the (tied) lm_head stay bf16, as in Qwen's releases.
 
-Every engine runs in a fresh process (:mod:`qvl.bench.harness`) through ``qvl.bench.core``'s own measurement (same image,
-prompt, warm-up, best-of-N greedy runs with eos ignored, threads), so the numbers compare with
-``core-*.md``. Added per scheme: resident bytes of the decoder linears, and the bytes one
-decode step reads (decoder linears + lm_head) which, times tokens/s, is the achieved GB/s set
-against the machine's copy bandwidth. transformers bf16 is the reference: taken from
+Every engine runs in a fresh process (:mod:`qvl.bench.harness`) through ``qvl.bench.core``'s own
+measurement (same image, prompt, warm-up, best-of-N greedy runs with eos ignored, threads), so
+the numbers compare with ``core-*.md``. Added per scheme: resident bytes of the decoder linears,
+and the bytes one decode step reads (decoder linears + lm_head) which, times tokens/s, is the
+achieved GB/s set against the machine's copy bandwidth. transformers bf16 is the reference: taken from
 ``core-bfloat16.json`` when that exists for the same token count, else run here.
 """
 
@@ -292,9 +293,8 @@ def main(argv=None) -> int:
               "machine": probe.machine_info(), "checkpoints": {s: str(p) for s, p in ckpts.items()}, "engines": {}}
     with tempfile.TemporaryDirectory(prefix="qvl-bench-quant-") as work:
         work = pathlib.Path(work)
-        spec = {"image": str(fixtures.make_image(work / "bench.png")), "new_tokens": args.new_tokens, "threads": threads,
-                "repeats": args.repeats,
-                "bandwidth_bytes": (1 << 30) if args.config == "qwen2vl-2b" else (128 << 20)}
+        spec = {"image": str(fixtures.make_image(work / "bench.png")), "new_tokens": args.new_tokens,
+                "threads": threads, "repeats": args.repeats, "bandwidth_bytes": core.bandwidth_bytes(args.config)}
         if args.wait_idle:
             probe.wait_for_idle(args.wait_idle)
         bandwidth = [core.run_worker(core.bandwidth_worker, spec, args.timeout)]

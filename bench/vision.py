@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from qvl.bench import probe, report
-from qvl.bench.fixtures import BUILD_MARKER, QWEN2_VL_2B_VISION, build_cached, cache_root, init_random_, qwen2vl_2b_config
+from qvl.bench.fixtures import (BUILD_MARKER, QWEN2_VL_2B_VISION, build_cached, cache_root, init_random_,
+                                qwen2vl_2b_config)
 
 log = logging.getLogger("qvl.bench.vision")
 
