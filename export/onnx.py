@@ -13,11 +13,11 @@ is one source of numerics and one file for every resolution, image count and fra
 mask makes attention dense over one call's patches; the runtime packs frames into bounded calls.
 
 Exporter: ``torch.onnx.export(dynamo=False)``, the TorchScript tracer. In torch 2.13 the dynamo
-exporter needs onnxscript + onnx-ir (more dependencies, fast-moving), took 4-15x longer on the
-tiny tower, and its SDPA translation rejects 3-D q/k/v. This graph is straight-line code,
-which tracing captures exactly; the validation below checks it. The tracer is deprecated: when
+exporter needs onnxscript + onnx-ir (more dependencies, fast-moving), is slower to export, and
+its SDPA translation rejects 3-D q/k/v. This graph is straight-line code, which tracing
+captures exactly; the validation below checks it. The tracer is deprecated: when
 it goes, the switch is ``dynamo=True`` with ``dynamic_shapes={0: 4 * Dim("n")}`` for the three
-inputs (tried with onnxscript 0.7.2: same outputs).
+inputs (with onnxscript 0.7.2 it gives the same outputs).
 
 Validation: onnxruntime (CPU) against the fp32 torch tower on several resolutions and a
 multi-image batch with a video grid, in one session call each (so the in-graph mask is what is

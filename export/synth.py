@@ -37,7 +37,7 @@ WORDS = ("cat", "dog", "sun", "box", "key", "map", "cup", "hat", "pen", "egg", "
          "tree", "fish", "bird", "moon", "book", "door", "lamp", "milk", "rain", "ship", "frog", "cake",
          "apple", "house", "robot", "water", "train", "chair", "plant", "music", "snow", "wind")
 MAX_COUNT = 5
-# Two digits at most: qvl-toy reads these at 95% after its 38-minute run (3-digit reads were not tried).
+# Two digits at most: the numbers qvl-toy is trained to read (its model card gives its ocr accuracy).
 MAX_NUMBER = 99
 
 QUESTIONS = {
@@ -79,7 +79,7 @@ class Sample:
     # what was drawn, one dict per image (or one for the video): ``objects`` [(shape, colour, cx, cy,
     # r)] and ``size`` for scenes, ``text`` for OCR, ``motion`` (shape, colour, direction), ``size``,
     # the ``mover``'s cell (column, row) and an optional ``still`` (shape, colour, column, row) for clips.
-    # Training supervises the vision tower with it directly (train_toy's auxiliary heads).
+    # Training supervises the vision tower with it directly (scripts/toy_heads.py's auxiliary heads).
     facts: list = field(default_factory=list)
 
     def messages(self, images=None, frames=None) -> list[dict]:
@@ -135,10 +135,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
 # Pictures are laid out on the vision tower's token grid: canvases are whole numbers of CELL x CELL
 # cells (one merged token of Qwen2-VL: 14 px patches, 2 x 2 merge) within the toy's pixel limits,
 # so the processor keeps their size, and every object sits inside one cell. A ViT trained from
-# scratch on 2 CPU cores for 45 minutes cannot learn shapes at arbitrary offsets: session 3
-# measured shape recognition at chance after 8,000 pictures, for the tower and for an MLP on
-# the raw patches alike, when shapes straddled tokens. Off-grid pictures are outside the toy's
-# training distribution, which its model card says.
+# scratch in minutes on CPU does not learn shapes at arbitrary offsets (qvl-toy's model card
+# gives the measurement). Off-grid pictures are outside the toy's training distribution, which
+# its model card says.
 CELL = 28
 MAX_CELLS = 64  # 224 x 224 pixels: the toy's max_pixels
 OBJECT_R = (9, 11)  # radius range; with JITTER the object stays 2 px inside its cell
@@ -146,10 +145,10 @@ JITTER = 1.0
 # Scenes have a thin frame at the canvas edge. Qwen2-VL's vision tower knows only relative
 # positions (2D rotary), and a plain canvas gives every background token the same value, so a
 # token's absolute place reaches it only through which neighbours are missing, by way of the
-# softmax normaliser: session 6's readout found the tower's corner column at its class prior after
-# 1,500 steps. The frame puts the edge into the pixels of the cells along it, where a corner is
-# as local as a shape: with it the column was right on every held-out token by step 300. It
-# stays outside the objects (they keep 2 px from their cell's border).
+# softmax normaliser, which the tower learns slowly. The frame puts the edge into the pixels of
+# the cells along it, where a corner is as local as a shape (qvl-toy's model card: the tower's
+# corner column with and without it). It stays outside the objects (they keep 2 px from their
+# cell's border).
 FRAME, FRAME_RGB = 2, (96, 96, 96)
 
 
@@ -202,9 +201,8 @@ def corner_cell(w, h, cx, cy) -> str | None:
     Position questions ask about objects in a corner cell only. Qwen2-VL's vision tower has no
     absolute position embedding (its 2D rotary one is relative), and on a plain background the
     only absolute cue a token has is which neighbours it lacks at the canvas edges; an object in
-    the middle of a quadrant lacks none. Session 3's qvl-toy, trained on quadrants ("top left"
-    anywhere in that quarter), answered 22% of them (42% with one object in the picture; guessing:
-    25%); the corner-cell model answered 62%, and 98% once scenes had a FRAME."""
+    the middle of a quadrant lacks none (qvl-toy's model card compares quadrants, corner
+    cells and corner cells with a FRAME)."""
     i, j, a, b = int(cx // CELL), int(cy // CELL), w // CELL, h // CELL
     col = "left" if i == 0 else "right" if i == a - 1 else None
     row = "top" if j == 0 else "bottom" if j == b - 1 else None
@@ -309,7 +307,7 @@ def _ocr(rng, index, seed):
     ink = _jitter(rng.choice([(20, 20, 20), (30, 40, 150), (140, 20, 20), (20, 90, 30)]), rng)
     ImageDraw.Draw(img).text((i * CELL + 2 - x0, (j + 0.5) * CELL - (y0 + y1) / 2), text, font=font, fill=ink)
     # the cells of the text's box (columns i..i+need-1 of row j; the last may hold only its 4 px
-    # margin): train_toy puts the word on their tokens
+    # margin): toy_targets.token_targets puts the text on their tokens
     return [img], _ask(rng, "ocr"), text, [], [{"text": text, "size": img.size, "cells": (i, j, need)}]
 
 

@@ -2,12 +2,13 @@
 
 ``_weight_int4pack_mm[_for_cpu](x, w, group, scales_zeros)`` computes x @ W.T with
 W[n, k] = (q[n, k] - 8) * scale[k // group, n] + zero[k // group, n], scales_zeros being
-[K/group, N, 2] in the activation dtype. Measured on torch 2.13 (Xeon, AVX512-BF16):
-the CPU kernel is fast only for bf16 activations (~2.5x a bf16 dense gemv at batch 1; fp32
-and fp16 run 30x slower than their dense matmul), takes group sizes 32/64/128/256 and needs
-N % 16 == 0. CUDA needs sm80+, bf16, N % 8 and K % (16 * inner_k_tiles) (torchao's
-tensor-core tiled layout). Each (device, dtype) is probed once against the plain formula, so a
-torch build whose ops differ degrades to the dequantize fallback instead of wrong numbers.
+[K/group, N, 2] in the activation dtype. On torch 2.13 (Xeon, AVX512-BF16) the CPU kernel
+is fast only for bf16 activations (bench/results/quant.md has its decode rate against dense
+bf16; with fp32 or fp16 activations it is far slower than their dense matmul), takes group
+sizes 32/64/128/256 and needs N % 16 == 0. CUDA needs sm80+, bf16, N % 8 and
+K % (16 * inner_k_tiles) (torchao's tensor-core tiled layout). Each (device, dtype) is probed
+once against the plain formula, so a torch build whose ops differ degrades to the dequantize
+fallback instead of wrong numbers.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 /* Weight-only quantized matrix-vector products for x86-64 CPUs with AVX-512 (qvl.quant.cpu).
  *
  * Why this file exists: torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) takes only bf16
- * activations (fp32 and fp16 ~15x slower), reads 8-bit weights only as two 4-bit passes and is
+ * activations (fp32 and fp16 run far slower), reads 8-bit weights only as two 4-bit passes and is
  * slow at prefill; batch-1 decode is bandwidth-bound, so streaming the packed bytes once at full
  * speed is the whole job. No maintained library offers a torch-callable int4/int8 GEMV with
  * AutoGPTQ/AutoAWQ group semantics for CPUs, so this one is small and written for that job only.
@@ -15,7 +15,7 @@
  * Layouts (built once at load by qvl.quant.cpu.pack / params):
  *   Rows go in blocks of ROWS = 4 (eight independent FMA chains), and the weight bytes of a
  *   block are interleaved in 32-byte chunks, [N/4, K-blocks, 4, 32], so each thread reads one
- *   sequential stream (four row streams measured 25% slower from DRAM, where decode lives).
+ *   sequential stream (DRAM, where decode reads from, serves one stream faster than four).
  *   int4 chunk: 64 columns; byte j holds column j (low nibble) and column j + 32 (high), so
  *   one load widens into two vectors of 32 codes.  int8 chunk: 32 columns, one byte each.
  *   scales: fp16 bits [N/4, G, 4]; zeros: uint8 [N/4, G, 4].

@@ -9,7 +9,8 @@ Grids (the conventions of the formats' own quantizers):
 * ``sym`` (GPTQ, Qwen's Int4/Int8 releases): ``z = 2**(bits-1)``, ``s = 2 * max|w| / maxq``.
 * asym (AWQ, GPTQ ``sym=False``): ``s = (max - min) / maxq`` over the group's range,
   ``z = round(-min / s)``. GPTQ widens the range to include 0 (its ``Quantizer``); AWQ does not.
-  ``zero_range`` clamps ``z``: AutoGPTQ v1 files store ``z - 1``, so a GPTQ zero must be >= 1.
+  ``min_zero`` is the smallest ``z`` kept: AutoGPTQ v1 files store ``z - 1``, so a GPTQ zero
+  must be >= 1.
 """
 
 from __future__ import annotations

@@ -8,13 +8,16 @@ import torch.nn.functional as F
 
 from qvl.scripts.toy_targets import AUX_CLASSES, AUX_NAMES, DENSE, LOOKUP_LAYER
 
-# Auxiliary heads: what each image shows, read off the vision tower's merged tokens by one learned
-# attention-pooling query per head (the way a decoder layer reads them). Through the language loss
-# alone the tower learns slowly: the gradient reaching it is a thin trickle behind a decoder that
-# first learns answer priors (session 2: shapes at 28%, colours at 70% after 40 minutes). These
-# heads give every picture about twenty direct targets from the generator's ground truth. They are
-# dropped after training: the checkpoint is plain Qwen2-VL.
 class AuxHeads(torch.nn.Module):
+    """What each image shows, read off the vision tower's merged tokens: one learned
+    attention-pooling query per pooled head (the way a decoder layer reads them, ``aux_targets``)
+    and a linear map per token (``token_targets``).
+
+    Through the language loss alone the tower learns slowly: the gradient reaching it is a thin
+    trickle behind a decoder that first learns answer priors. These heads give every picture
+    about twenty direct targets from the generator's ground truth. They are dropped after
+    training: the checkpoint is plain Qwen2-VL."""
+
     def __init__(self, dim: int, dense_facts: bool = False, more_facts: bool = False):
         """``dense_facts``: also train token_targets' corner and motion columns; ``more_facts``:
         all of its columns."""
@@ -49,7 +52,7 @@ class AuxHeads(torch.nn.Module):
 class LookupProbe:
     """The lookup heads' attention rows, recomputed from the inputs of layer LOOKUP_LAYER's
     attention (caught by a hook), so the model keeps its fused attention: asking transformers for
-    attention probabilities switches every layer to the eager path (~20% slower steps)."""
+    attention probabilities switches every layer to the slower eager path."""
 
     def __init__(self, model):
         from transformers.models.qwen2_vl import modeling_qwen2_vl as hf

@@ -97,8 +97,8 @@ class Encoder:
                     raise ValueError("the chat template does not render a conversation as a prefix of its extension")
                 prompt = self.tok.encode(text[len(done):])
                 ids, labels = ids + prompt, labels + [-100] * len(prompt)
-            # "count" asks per turn (a scene's follow-ups ask other tasks); the older modes keep
-            # the sample's task, so their recipes train as before
+            # "count" classes each turn by its own question (a scene's follow-ups ask other
+            # tasks); the other modes take the sample's task for every turn
             task = (turn_task(question) or s.task) if self.lookup_mode == "count" else s.task
             lookups += [(len(ids) - 1, head, where) for head, where in
                         lookup_targets(task, named_shape(question), objects, self.lookup_mode)]
@@ -142,9 +142,9 @@ TEXT = "<text>"  # object_positions' name for the cells a text covers
 # layer 2 are the lookup heads (head 1 only for the second picture of ``compare``).
 LOOKUP_LAYER, LOOKUP_HEADS = 2, (0, 1)
 # lookup_mode "count": heads 1 and 2 of the same layer count (``lookup_targets``), their targets
-# weighing the picture's <|vision_start|> as COUNT_SINK objects. qvl-toy has k = 1; its misses on
-# count are off by one at 3-5 (the objects' share n/(n+1) steps by 0.033 from 4 to 5). k = 4
-# widens that step to 0.056, but its run (session 7) counted no better (test 0.85 against 0.875).
+# weighing the picture's <|vision_start|> as COUNT_SINK = k objects, so its share k/(n+k) carries n.
+# With k = 1 the objects' share n/(n+1) steps by 0.033 from n = 4 to 5; k = 4 widens that step
+# to 0.056 (the model card's notes: it counted no better).
 COUNT_HEADS, COUNT_SINK = (1, 2), 1
 
 
@@ -327,25 +327,27 @@ def lookup_kind(mode: str, head: int) -> str:
 
 
 def lookup_targets(task: str, named: str | None, objects, mode: str = "sink") -> list[tuple[int, list[int]]]:
-    """(head, sequence positions) the lookup heads should attend to, evenly, from the position
-    that predicts the answer to a question naming ``named``: every token of that shape in a
-    picture plus the picture's ``<|vision_start|>``. The start token is a sink whose share,
-    1/(n+1), tells the head's output how many objects matched (a count the decoder can read off
-    one attention row; without it the mass sums to 1 whatever n is). ``compare`` gives each
-    picture its own head, so both counts reach the answer side by side.
+    """(head, sequence positions) the lookup heads should attend to from the position that
+    predicts the answer to a question naming ``named``; ``task`` is the turn's own (``turn_task``).
 
-    ``mode="mass"`` (the default in sessions 4-6): head 0 only, the named objects of every
-    picture, no sink (LookupProbe then supervises the attention mass on them, not its spread),
-    and none into clips. ``mode="answer"`` (session 6, with ``--more-facts``): the mass on every
-    token that holds what the answer needs: head 0, or one head a picture for ``compare``; a
-    clip's named object in every temporal patch; for ``ocr`` the text's cells.
+    ``mode="sink"``: evenly, every token of that shape in a picture plus the picture's
+    ``<|vision_start|>``. The start token is a sink whose share, 1/(n+1), tells the head's output
+    how many objects matched (a count the decoder can read off one attention row; without it the
+    mass sums to 1 whatever n is). ``compare`` gives each picture its own head, so both counts
+    reach the answer side by side.
 
-    ``mode="count"`` (the default since session 7): head 0 as in "mass", clips included (the
-    mover in both temporal patches); a count turn adds head COUNT_HEADS[0] with "sink" targets
-    (the named objects, and the picture's ``<|vision_start|>`` listed COUNT_SINK times: its share
-    k/(n+k) carries n), and ``compare`` one such head a picture. With "mass" alone head 0's output
-    is the mean of the named tokens, the same for one circle as for five: count stayed at
-    0.42-0.46 in session 5's model. ``task`` is the turn's own (``turn_task``)."""
+    ``mode="mass"``: head 0 only, the named objects of every picture, no sink (LookupProbe then
+    supervises the attention mass on them, not its spread), and none into clips.
+
+    ``mode="answer"`` (meant for ``--more-facts``): the mass on every token that holds what the
+    answer needs: head 0, or one head a picture for ``compare``; a clip's named object in every
+    temporal patch; for ``ocr`` the text's cells.
+
+    ``mode="count"`` (``Settings``' default): head 0 as in "mass", clips included (the mover in
+    both temporal patches); a count turn adds head COUNT_HEADS[0] with "sink" targets (the named
+    objects, and the picture's ``<|vision_start|>`` listed COUNT_SINK times: its share k/(n+k)
+    carries n), and ``compare`` one such head a picture. With "mass" alone head 0's output is the
+    mean of the named tokens, the same for one circle as for five, so it cannot carry a count."""
     if mode == "answer" and task == "ocr":
         named = TEXT
     if named is None:

@@ -16,6 +16,9 @@ falls behind the box, the schedule follows the clock instead, so the run still a
 the time box closes (the log says where it stopped and why).
 On a machine shared with other jobs, ``--threads 1`` avoids oversubscribing the cores.
 
+The examples and their targets are in ``toy_targets``, the training-only heads in ``toy_heads``,
+the evaluation and the model card in ``toy_card``; the toy's shape in ``toy_config``.
+
 A run can continue another's weights (``--init``) with a different mix (``--task-weights``):
 qvl-toy is trained that way in two stages, and its model card gives both commands.
 """
@@ -57,8 +60,8 @@ def task_mix(overrides: dict | None) -> dict[str, float]:
 
 
 # Curriculum: (fraction of the planned steps, tasks from then on). Mixed from the start, the
-# decoder learns the answer priors and leaves the tower untrained (every task at chance after
-# 1,800 steps); one-object scenes first make the picture the only way to lower the loss.
+# decoder learns the answer priors and leaves the tower untrained (the model card's notes);
+# one-object scenes first make the picture the only way to lower the loss.
 CURRICULUM = ((0.0, ("shape", "colour")), (0.12, ("shape", "colour", "position", "count")), (0.25, None))
 
 
@@ -135,10 +138,8 @@ class Settings:
     minutes: float = 40.0
     steps: int | None = None
     seed: int = 0
-    batch_size: int = 16  # as many pictures a second as 32 on 2 cores, and twice the updates
-    # Without the auxiliary heads 2e-3 stayed at chance and 5e-4 learned slowly (session 2); with
-    # them, 1e-3 and 5e-4 tracked each other over 7-minute runs, and qvl-toy was trained at 1e-3.
-    lr: float = 1e-3
+    batch_size: int = 16  # pictures a step
+    lr: float = 1e-3  # peak; the model card's notes give the runs that chose it and the batch size
     eval_every: int = 300
     eval_n: int = 50
     target: float = 0.99
@@ -147,45 +148,10 @@ class Settings:
     init: str | None = None
     curriculum: bool = True
     aux_weight: float = 1.0  # auxiliary vision heads (AuxHeads); 0 trains on the language loss alone
-    # Lookup supervision: one attention head of one decoder layer is trained to look, from the
-    # position that predicts an answer, at the vision tokens of the object the question names
-    # (LookupProbe; "mass": -log of its attention there). Without it the decoder read the colour
-    # of a random object (the session-3 model: colour 70%, 1/(number of objects) per picture).
-    # Session 5 also tried "sink" (even shares over the named objects and <|vision_start|>, so one
-    # row carries their count too; one head a picture for compare): two runs had shape at 0.26-0.28
-    # after 600 steps against 0.96-1.00 with "mass", count no better by step 900 (0.32), and were
-    # stopped; it stays selectable. Dense facts put each object's corner cell (pictures) and
-    # motion (clips) on its own token. The committed qvl-toy is these defaults (2784 steps, 40 min):
-    # test colour 70% -> 100%, position (now corner cells) 22% -> 62%, text 95% -> 70%, mean over
-    # the seven tasks 0.65 -> 0.71 (scripts/qvl-toy/README.md).
-    # Session 6 added "answer" with more_facts: the count on each object's token, the text on its
-    # cells and canvas edges on every token, with lookups into clips, texts and (one head a
-    # picture) compare pairs, so every answer is one lookup away. On a host running half as many
-    # steps a minute as session 5's, the last held-out evaluation after 40 minutes had a mean of
-    # 0.40 (1,767 steps) against 0.37 for these defaults on the same host (1,587 steps): shape
-    # 1.00 vs 0.56, text 0.32 vs 0.00, colour 0.34 vs 0.58. Either recipe needs the ~2,800 steps
-    # qvl-toy had. A second "answer" run (1,684 steps) logged the tower (tower_accuracy): at step
-    # 1,500 its tokens held shape 0.995, colour 0.998, text tens 0.89, motion 0.62, canvas edges
-    # 0.86, but the corner and count columns never left their class priors (0.76, 0.49); and the
-    # decoder answered colour 0.14 with its lookup loss at 0.004: attention on the right token,
-    # colour on that token, not read out, where the default recipe's decoder reads it.
-    # Session 7 made "count" the default (lookup_targets: "mass" plus counting heads with the sink,
-    # and lookups into clips) and drew a frame round scenes (synth.FRAME): the tower's corner column
-    # went from its prior to 1.00 by step 300. fused AdamW and logits only at labelled positions
-    # made a step ~5% cheaper. These defaults, 3,334 steps in 32 minutes (kept step 3,300), are
-    # qvl-toy's first stage: test shape 1.00, colour 1.00, count 0.875, position 0.98, text 0.965,
-    # compare 0.955, direction 0.96 (mean 0.714 -> 0.962). A second run with COUNT_SINK 4 and
-    # 4,164 steps (40 minutes) scored count 0.85, position 0.905, direction 0.945: one run each, so
-    # the spread between runs is not known; the counting heads' misses are off by one at 3-5.
-    # Session 8: on that model's count test items the counting head's attention was already right
-    # (the sink's share within 0.015 of 1/(n+1) on average, sd 0.02), but the readout after it was
-    # biased: n = 4 read right 59% of the time, n = 5 100%. A second stage (--init, seed 1 for
-    # unseen pictures, peak lr 3e-4, no curriculum, more count) recalibrates it. With 980 steps
-    # and count weighted 4.0 (9.4 minutes): test count 0.97, every other task 0.985-1.00, and a
-    # rerun from the same weights gave bit-identical weights; but from a repeat of stage 1 (numerics
-    # differ from session 7's: colour 0.22 vs 0.20 at step 300) it reached count 0.93 only. With
-    # 1,200 steps and count weighted 6.0, count was 0.955 from that repeat and 0.98 from qvl-toy's
-    # stage 1, which is the committed qvl-toy (every task 0.98-1.00; 10.4 minutes).
+    # Lookup supervision (LookupProbe): heads of one decoder layer are trained to look, from the
+    # position that predicts an answer, at the vision tokens the question is about; lookup_mode
+    # picks which tokens and how (lookup_targets). The model card's notes record the runs that
+    # chose these defaults.
     lookup_weight: float = 1.0
     lookup_mode: str = "count"  # lookup_targets
     dense_facts: bool = True  # corner / motion targets on each object's token (token_targets)
@@ -226,7 +192,7 @@ def train(out: Path, st: Settings) -> dict:
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=st.lr, betas=(0.9, 0.98), eps=1e-8, fused=True)  # fused: ~5% of a step
+                            lr=st.lr, betas=(0.9, 0.98), eps=1e-8, fused=True)  # fused: a cheaper step
     first = [t for t in CURRICULUM[0][1] if t in st.tasks] if st.curriculum else []
     stream = Stream(enc, TRAIN_SEED + st.seed, first or st.tasks, task_mix(st.task_weights))
     heldout = [enc(s, follow_ups=False) for s in synth.generate(st.eval_n, HELDOUT_SEED + st.seed, st.tasks)]
@@ -326,8 +292,8 @@ def train(out: Path, st: Settings) -> dict:
     history.append({"step": step, "minutes": el / 60, "loss_ema": ema, **acc})
     log.info("final held-out exact match: %s", "  ".join(f"{t} {a:.3f}" for t, a in acc.items()))
     kept_step = step
-    # by the mean over tasks: session 3's run, kept by its worst task, dropped a final model that
-    # read text at 100% for one whose weakest task was 0.16 better
+    # by the mean over tasks: choosing by the worst task can give up a task the model has
+    # mastered for a small gain on its weakest
     if best is not None and best[0] > sum(acc.values()) / len(acc):
         log.info("keeping the step-%d weights (mean accuracy %.3f > %.3f)", best[1], best[0],
                  sum(acc.values()) / len(acc))

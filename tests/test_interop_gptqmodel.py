@@ -7,7 +7,6 @@ its own venv, e.g.::
     pip install -e ".[dev]" && GPTQMODEL_CPU_WORKERS=2 python -m pytest -q tests/test_interop_gptqmodel.py
 
 (torchvision: GPTQModel loads Qwen2-VL with its processor, whose video processor needs it.)
-Last run (session 2, 2 cores): 4 passed in ~75 s.
 
 Both directions: our GPTQ / AWQ artifacts loaded by transformers + GPTQModel give the logits
 qvl gives; a checkpoint GPTQModel quantized loads in qvl and gives the logits transformers +
