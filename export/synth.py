@@ -24,13 +24,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from qvl.export.scene import (CELL, COLOURS, FRAME, FRAME_RGB, MAX_CELLS, OBJECT_R, background, corner_cell,  # noqa: F401
+                              draw_frame, draw_scene, draw_shape, jitter)
+
 logger = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
           "cross": "crosses", "diamond": "diamonds"}
-COLOURS = {"red": (215, 30, 35), "orange": (245, 135, 10), "yellow": (235, 205, 0), "green": (35, 155, 55),
-           "blue": (35, 75, 215), "purple": (130, 45, 175), "pink": (240, 115, 185), "black": (25, 25, 25)}
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 DIRECTIONS = ("left", "right", "up", "down")
 WORDS = ("cat", "dog", "sun", "box", "key", "map", "cup", "hat", "pen", "egg", "fox", "car", "bus", "toy",
@@ -101,114 +102,6 @@ def _rng(seed: int, task: str, index: int) -> random.Random:
     return random.Random(f"qvl-synth:{seed}:{task}:{index}")
 
 
-def _background(rng: random.Random) -> tuple[int, int, int]:
-    return tuple(rng.randint(228, 255) for _ in range(3))
-
-
-def _jitter(rgb, rng: random.Random, amount: int = 18) -> tuple[int, int, int]:
-    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
-    """``shape`` centred at (cx, cy) inside a circle of radius ``r``."""
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        s = r * 0.82
-        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r * 0.95, cy + r * 0.75), (cx + r * 0.95, cy + r * 0.75)], fill=fill)
-    elif shape == "star":
-        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
-        draw.polygon(pts, fill=fill)
-    elif shape == "cross":
-        a = r * 0.34
-        draw.rectangle((cx - r, cy - a, cx + r, cy + a), fill=fill)
-        draw.rectangle((cx - a, cy - r, cx + a, cy + r), fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-
-
-# Pictures are laid out on the vision tower's token grid: canvases are whole numbers of CELL x CELL
-# cells (one merged token of Qwen2-VL: 14 px patches, 2 x 2 merge) within the toy's pixel limits,
-# so the processor keeps their size, and every object sits inside one cell. A ViT trained from
-# scratch in minutes on CPU does not learn shapes at arbitrary offsets (qvl-toy's model card
-# gives the measurement). Off-grid pictures are outside the toy's training distribution, which
-# its model card says.
-CELL = 28
-MAX_CELLS = 64  # 224 x 224 pixels: the toy's max_pixels
-OBJECT_R = (9, 11)  # radius range; with JITTER the object stays 2 px inside its cell
-JITTER = 1.0
-# Scenes have a thin frame at the canvas edge. Qwen2-VL's vision tower knows only relative
-# positions (2D rotary), and a plain canvas gives every background token the same value, so a
-# token's absolute place reaches it only through which neighbours are missing, by way of the
-# softmax normaliser, which the tower learns slowly. The frame puts the edge into the pixels of
-# the cells along it, where a corner is as local as a shape (qvl-toy's model card: the tower's
-# corner column with and without it). It stays outside the objects (they keep 2 px from their
-# cell's border).
-FRAME, FRAME_RGB = 2, (96, 96, 96)
-
-
-def _frame(img: Image.Image) -> None:
-    if not FRAME:
-        return
-    w, h = img.size
-    ImageDraw.Draw(img).rectangle((0, 0, w - 1, h - 1), outline=FRAME_RGB, width=FRAME)
-
-
-def _cells(rng, lo: int = 2, hi: int = 8, min_cells: int = 1, max_ratio: float = 2.5) -> tuple[int, int]:
-    """Canvas size in cells (columns, rows)."""
-    while True:
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if a * b <= MAX_CELLS and a * b >= min_cells and max(a, b) / min(a, b) <= max_ratio:
-            return a, b
-
-
-def _scene(rng, objects, lo=2, hi=8, cells_of_first=None, r_range=OBJECT_R):
-    """Draw ``objects`` [(shape, colour)] in distinct cells of a fresh canvas.
-
-    ``cells_of_first(a, b)`` optionally lists the cells the first object may take (corners).
-    Returns the image and the placed objects [(shape, colour, cx, cy, r)]."""
-    for _ in range(100):
-        a, b = _cells(rng, lo, hi, min_cells=len(objects))
-        free = [(i, j) for j in range(b) for i in range(a)]
-        first = cells_of_first(a, b) if cells_of_first else free
-        if not first:
-            continue
-        spots = [rng.choice(first)]
-        rest = [c for c in free if c != spots[0]]
-        spots += rng.sample(rest, len(objects) - 1)
-        img = Image.new("RGB", (a * CELL, b * CELL), _background(rng))
-        _frame(img)
-        d = ImageDraw.Draw(img)
-        placed = []
-        for (shape, colour), (i, j) in zip(objects, spots):
-            r = rng.randint(*r_range)
-            cx = (i + 0.5) * CELL + rng.uniform(-JITTER, JITTER)
-            cy = (j + 0.5) * CELL + rng.uniform(-JITTER, JITTER)
-            draw_shape(d, shape, cx, cy, r, _jitter(COLOURS[colour], rng))
-            placed.append((shape, colour, cx, cy, r))
-        return img, placed
-    raise RuntimeError(f"could not place {len(objects)} objects")
-
-
-def corner_cell(w, h, cx, cy) -> str | None:
-    """The canvas corner whose cell holds the point (cx, cy), or None off the four corner cells.
-
-    Position questions ask about objects in a corner cell only. Qwen2-VL's vision tower has no
-    absolute position embedding (its 2D rotary one is relative), and on a plain background the
-    only absolute cue a token has is which neighbours it lacks at the canvas edges; an object in
-    the middle of a quadrant lacks none (qvl-toy's model card compares quadrants, corner
-    cells and corner cells with a FRAME)."""
-    i, j, a, b = int(cx // CELL), int(cy // CELL), w // CELL, h // CELL
-    col = "left" if i == 0 else "right" if i == a - 1 else None
-    row = "top" if j == 0 else "bottom" if j == b - 1 else None
-    return f"{row} {col}" if row and col else None
-
-
 def _extras(rng, size, objects, skip: tuple, k: int = 8) -> list[tuple[str, str]]:
     """Up to ``k`` more questions the scene answers unambiguously, for multi-turn training.
 
@@ -253,14 +146,14 @@ def _with_extras(rng, img, objects, task, shape, answer):
 
 def _shape(rng, index, seed):
     shape = rng.choice(SHAPES)
-    img, objs = _scene(rng, [(shape, _colour(rng))], lo=2, hi=7)
+    img, objs = draw_scene(rng, [(shape, _colour(rng))], lo=2, hi=7)
     return _with_extras(rng, img, objs, "shape", None, shape)
 
 
 def _colour_task(rng, index, seed):
     shapes = rng.sample(SHAPES, rng.randint(1, 3))
     colours = [_colour(rng) for _ in shapes]
-    img, objs = _scene(rng, list(zip(shapes, colours)), lo=2, hi=8)
+    img, objs = draw_scene(rng, list(zip(shapes, colours)), lo=2, hi=8)
     return _with_extras(rng, img, objs, "colour", shapes[0], colours[0])
 
 
@@ -275,7 +168,7 @@ def _count_objects(rng, shape, n):
 def _count(rng, index, seed):
     shape = rng.choice(SHAPES)
     n = rng.randint(1, MAX_COUNT)
-    img, objs = _scene(rng, _count_objects(rng, shape, n), lo=3, hi=8)
+    img, objs = draw_scene(rng, _count_objects(rng, shape, n), lo=3, hi=8)
     return _with_extras(rng, img, objs, "count", shape, str(n))
 
 
@@ -287,7 +180,7 @@ def _position(rng, index, seed):
     def cells(a, b):  # the corner's cell
         return [(0 if left else a - 1, 0 if top else b - 1)]
 
-    img, objs = _scene(rng, [(s, _colour(rng)) for s in shapes], lo=2, hi=8, cells_of_first=cells)
+    img, objs = draw_scene(rng, [(s, _colour(rng)) for s in shapes], lo=2, hi=8, cells_of_first=cells)
     return _with_extras(rng, img, objs, "position", shapes[0], corner)
 
 
@@ -303,8 +196,8 @@ def _ocr(rng, index, seed):
     a = rng.randint(max(2, need), max(2, need, 7))
     b = rng.randint(2, 5)
     i, j = rng.randint(0, a - need), rng.randint(0, b - 1)
-    img = Image.new("RGB", (a * CELL, b * CELL), _background(rng))
-    ink = _jitter(rng.choice([(20, 20, 20), (30, 40, 150), (140, 20, 20), (20, 90, 30)]), rng)
+    img = Image.new("RGB", (a * CELL, b * CELL), background(rng))
+    ink = jitter(rng.choice([(20, 20, 20), (30, 40, 150), (140, 20, 20), (20, 90, 30)]), rng)
     ImageDraw.Draw(img).text((i * CELL + 2 - x0, (j + 0.5) * CELL - (y0 + y1) / 2), text, font=font, fill=ink)
     # the cells of the text's box (columns i..i+need-1 of row j; the last may hold only its 4 px
     # margin): toy_targets.token_targets puts the text on their tokens
@@ -314,7 +207,7 @@ def _ocr(rng, index, seed):
 def _compare(rng, index, seed):
     shape = rng.choice(SHAPES)
     a, b = rng.sample(range(1, MAX_COUNT + 1), 2)
-    scenes = [_scene(rng, _count_objects(rng, shape, n), lo=3, hi=7) for n in (a, b)]
+    scenes = [draw_scene(rng, _count_objects(rng, shape, n), lo=3, hi=7) for n in (a, b)]
     return ([img for img, _ in scenes], _ask(rng, "compare", shape), "first" if a > b else "second", [],
             [_scene_facts(img, objs) for img, objs in scenes])
 
@@ -336,13 +229,13 @@ def _direction(rng, index, seed):
     (i, j), (si, sj) = rng.sample(cells, 2)
     half = MOTION_STEP * (VIDEO_FRAMES - 1) / 2
     x0, y0 = (i + 0.5) * CELL - dx * half, (j + 0.5) * CELL - dy * half
-    bg, colour = _background(rng), _colour(rng)
-    fill = _jitter(COLOURS[colour], rng)
+    bg, colour = background(rng), _colour(rng)
+    fill = jitter(COLOURS[colour], rng)
     still, fact = None, {"motion": (shape, colour, direction), "size": (a * CELL, b * CELL), "mover": (i, j)}
     if rng.random() < 0.5:
         other = rng.choice([s for s in SHAPES if s != shape])
         r_still, still_colour = rng.randint(*OBJECT_R), _colour(rng)
-        still = (other, ((si + 0.5) * CELL, (sj + 0.5) * CELL, r_still), _jitter(COLOURS[still_colour], rng))
+        still = (other, ((si + 0.5) * CELL, (sj + 0.5) * CELL, r_still), jitter(COLOURS[still_colour], rng))
         fact["still"] = (other, still_colour, si, sj)
     frames = []
     for k in range(VIDEO_FRAMES):
@@ -380,7 +273,7 @@ def demo_pictures() -> list[tuple[Image.Image, list[tuple[str, str]]]]:
     """Two fixed pictures for ``qvl demo``, each with questions and what was drawn (on the cell grid
     the toy was trained on)."""
     scene = Image.new("RGB", (8 * CELL, 6 * CELL), (246, 244, 236))
-    _frame(scene)
+    draw_frame(scene)
     d = ImageDraw.Draw(scene)
     for shape, colour, (i, j) in (("circle", "red", (1, 1)), ("square", "blue", (7, 5)),
                                   ("triangle", "green", (5, 1)), ("triangle", "orange", (2, 4))):
@@ -390,7 +283,7 @@ def demo_pictures() -> list[tuple[Image.Image, list[tuple[str, str]]]]:
     x0, y0, _, y1 = font.getbbox("robot")
     ImageDraw.Draw(text).text((CELL + 2 - x0, 1.5 * CELL - (y0 + y1) / 2), "robot", font=font, fill=(30, 40, 150))
     single = Image.new("RGB", (4 * CELL, 3 * CELL), (240, 246, 240))
-    _frame(single)
+    draw_frame(single)
     draw_shape(ImageDraw.Draw(single), "star", 2.5 * CELL, 1.5 * CELL, 11, COLOURS["purple"])
     return [
         (scene, [("How many triangles are there?", "2"), ("What colour is the circle?", "red"),
