@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default=None, help="results file stem (default serving, serving-cuda on CUDA)")
     args = ap.parse_args(argv)
     harness.setup()
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
                     "max_batch": args.max_batch, "new_tokens": args.new_tokens, "streams": streams,
                     "threads": threads, "cuda_graphs": g, "decode_kv": kv}
             result["engines"][name] = harness.run(serve_worker, spec, timeout=args.timeout, label=name)
-    stem = "serving" if args.device == "cpu" else f"serving-{args.device.split(':')[0]}"
+    stem = args.name or ("serving" if args.device == "cpu" else f"serving-{args.device.split(':')[0]}")
     md = render(result)
     report.write_outputs(result, md, pathlib.Path(args.out), stem)
     print(md)

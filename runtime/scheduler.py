@@ -71,8 +71,9 @@ class Scheduler:
         return admitted
 
     def free(self, seq: Sequence) -> None:
-        if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
-            self.slots[seq.slot] = None
+        with self._cond:
+            if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
+                self.slots[seq.slot] = None
         seq.phase = Phase.DONE
 
     def prefilling(self) -> Sequence | None:

@@ -216,4 +216,7 @@ class Handle:
     def __del__(self):
         if not getattr(self, "_done", True):
             self._seq.cancelled.set()
-            self._wake()
+            try:
+                self._wake()
+            except Exception:  # noqa: BLE001 - interpreter shutdown; the loop sees the flag anyway
+                pass
