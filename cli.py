@@ -1,8 +1,9 @@
-"""The ``qvl`` command line: run, chat, demo, export, eval."""
+"""The ``qvl`` command line: run, chat, demo, serve, export, eval."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -103,6 +104,53 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    try:  # before the model loads: a missing extra fails at once
+        from qvl.runtime import server
+    except ImportError as e:
+        raise ImportError(f"qvl serve needs FastAPI and uvicorn: pip install 'qvl[serve]' ({e})") from None
+    from qvl.runtime.media_policy import MediaPolicy
+    from qvl.runtime.openai_api import generation_defaults
+
+    media = MediaPolicy.make(args.allowed_local_media_path, args.allow_remote)
+    engine = _load(args)
+    engine.fetch_policy = dataclasses.replace(engine.fetch_policy, allow_remote=args.allow_remote,
+                                              allow_private_addresses=args.allow_private_addresses)
+    settings = server.ServeSettings(
+        model_name=args.served_model_name or Path(args.model).resolve().name,
+        api_key=args.api_key or os.environ.get("QVL_API_KEY") or None, media=media,
+        request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        default_max_tokens=args.default_max_tokens, sampling_defaults=generation_defaults(args.model),
+        max_model_len=args.max_seq_len)
+    return server.run_server(engine, settings, args.host, args.port, args.verbose)
+
+
+def add_serve_options(sp) -> None:
+    d = LoadOptions()
+    sp.add_argument("model", help="checkpoint directory")
+    add_load_options(sp)
+    sp.add_argument("--max-batch", type=int, default=4, help="KV-cache slots: requests decoded side by side")
+    sp.add_argument("--max-queue", type=int, default=d.max_queue, help="requests that may wait; one more gets 429")
+    sp.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk)
+    sp.add_argument("--decode-kv", choices=["full", "live"], default=d.decode_kv)
+    sp.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs)
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--served-model-name", help="the name clients pass as `model` (default: the directory's)")
+    sp.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $QVL_API_KEY)")
+    sp.add_argument("--allowed-local-media-path", metavar="DIR",
+                    help="allow file:// images and videos under DIR (symlinks resolved); default: none")
+    sp.add_argument("--allow-remote", action="store_true", help="allow http(s) image and video URLs")
+    sp.add_argument("--allow-private-addresses", action="store_true",
+                    help="with --allow-remote: also fetch from loopback, private and link-local addresses")
+    sp.add_argument("--request-timeout", type=float, default=600.0, help="seconds; a longer request is stopped")
+    sp.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MiB)")
+    sp.add_argument("--default-max-tokens", type=int, default=512,
+                    help="answer length when a request sets neither max_tokens nor max_completion_tokens")
+
+
 def add_load_options(sp) -> None:
     """The flags of ``qvl.load``'s options that a one-user command needs; defaults from LoadOptions."""
     d = LoadOptions()
@@ -145,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(dm, model_required=False)
     dm.add_argument("--workdir", help="where to write the demo image")
     dm.set_defaults(func=cmd_demo, max_new_tokens=24)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install 'qvl[serve]')")
+    add_serve_options(sv)
+    sv.set_defaults(func=cmd_serve)
     register_export(sub)
     register_eval(sub)
     return p
