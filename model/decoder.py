@@ -19,10 +19,9 @@ from qvl.model.rope import rotate_half
 class Linear(nn.Linear):
     """nn.Linear whose one-token bf16 product on the CPU is a matrix-vector product.
 
-    Decode multiplies one activation row by every weight: torch's bf16 gemv streams a large
-    weight ~1.35x faster than its [1, K] x [K, N] gemm (23.8 vs 17.5 GB/s for Qwen2-VL-2B's
-    lm_head, 36 vs 26 GB/s for an MLP matrix, torch 2.13, 2 cores). Below ~4M weights, and in
-    fp16 (gemv 2x slower) or fp32 (equal), the gemm stays.
+    Decode multiplies one activation row by every weight, and on the CPU torch's bf16 gemv streams
+    a large weight about a third faster than its [1, K] x [K, N] gemm. Below ~4M weights, and in
+    fp16 (where gemv is slower) or fp32 (equal), the gemm stays.
     """
 
     MV_MIN_WEIGHTS = 4 << 20
