@@ -74,7 +74,7 @@ class EngineCore:
         now = time.perf_counter()
         for seq in sch.admit():
             seq.stats.queue_s = now - seq.t_submit
-            seq.work["t_admit"] = now
+            seq.t_admit = now
             try:
                 self.runner.start(seq)
             except Exception as e:
@@ -88,7 +88,7 @@ class EngineCore:
                 logits = None
             if logits is not None:
                 seq.phase = Phase.DECODE
-                seq.stats.prefill_s = time.perf_counter() - seq.work["t_admit"]
+                seq.stats.prefill_s = time.perf_counter() - seq.t_admit
                 if seq.prompt_logprobs:
                     self._finish(seq, "stop")
                 else:
@@ -119,13 +119,13 @@ class EngineCore:
         seq.out_ids.append(tok)
         seq.last = tok
         seq.stats.new_tokens = len(seq.out_ids)
-        detok = seq.work.get("detok")
-        if detok is None:
-            detok = seq.work["detok"] = self.tokenizer.stream_decoder()
-        text, hit = seq.stops.push(detok.push(tok))
+        if seq.detok is None:
+            seq.detok = self.tokenizer.stream_decoder()
+        text, hit = seq.stops.push(seq.detok.push(tok))
         seq.events.put(("token", tok, text))
+        if hit:  # the text ends before the stop string: nothing after it is released
+            seq.detok = None
         if seq.hit_stop_id(tok) or hit:
-            seq.work["stop_hit"] = hit
             self._finish(seq, "stop")
         elif len(seq.out_ids) >= seq.max_new_tokens or seq.length >= self.runner.model.max_seq:
             self._finish(seq, "length")
@@ -134,20 +134,19 @@ class EngineCore:
         if seq.phase is Phase.DONE:
             return
         self.scheduler.free(seq)
-        detok = seq.work.get("detok")
-        if detok is not None and not seq.work.get("stop_hit"):
-            text, _ = seq.stops.push(detok.flush())
+        if seq.detok is not None:
+            text, _ = seq.stops.push(seq.detok.flush())
             tail = text + seq.stops.flush()
             if tail:
                 seq.events.put(("text", tail))
         if seq.t_first:
             seq.stats.decode_s = time.perf_counter() - seq.t_first
-        seq.work = {"finish_reason": reason, "targets": seq.work.get("targets")}
+        seq.finish_reason, seq.work, seq.detok = reason, {}, None
         seq.events.put(("done",))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         if seq.phase is Phase.DONE:
             return
         self.scheduler.free(seq)
-        seq.work = {"finish_reason": "error"}
+        seq.finish_reason, seq.work, seq.detok = "error", {}, None
         seq.events.put(("error", error))

@@ -201,7 +201,7 @@ class Engine:
                                      f"(max_seq_len={self.model.max_seq})")
         seq = Sequence(req, SamplingParams(), 1, frozenset(), prompt_logprobs=True)
         self._submit(seq).result()
-        targets = seq.work.get("targets") or [torch.zeros(0, dtype=torch.int64)]
+        targets = seq.targets or [torch.zeros(0, dtype=torch.int64)]
         rows = seq.rows or [torch.zeros(0, self.model.cfg.text.vocab_size)]
         return torch.cat(rows), torch.cat(targets)
 

@@ -119,7 +119,7 @@ class ModelRunner:
         if keep.numel():
             logits = self.model.logits(hidden[keep.to(self.device)]).float()
             seq.rows.append(torch.log_softmax(logits, dim=-1).cpu())
-            seq.work.setdefault("targets", []).append(nxt[keep])
+            seq.targets.append(nxt[keep])
 
     # --- decode ----------------------------------------------------------------------------
 

@@ -120,12 +120,16 @@ class Sequence:
     last: int = -1  # the token the next decode step feeds
     out_ids: list[int] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)  # forced / prompt log-probs
+    targets: list[torch.Tensor] = field(default_factory=list)  # the ids the prompt log-prob rows predict
+    finish_reason: str | None = None  # stop, length, cancelled or error
     stats: Stats = field(default_factory=Stats)
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     t_submit: float = field(default_factory=time.perf_counter)
+    t_admit: float = 0.0
     t_first: float = 0.0
-    # loop-side working state (prompt embeddings, positions, vision work, detokenizer)
+    detok: object = None  # the streaming detokenizer, made on the loop at the first token
+    # the runner's prefill state (embeddings, positions, vision work), dropped once prefilled
     work: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -171,7 +175,7 @@ class Handle:
 
     @property
     def finish_reason(self) -> str | None:
-        return self._seq.work.get("finish_reason")
+        return self._seq.finish_reason
 
     def cancel(self) -> None:
         if not self._done:
