@@ -71,10 +71,13 @@ class Scheduler:
         return admitted
 
     def free(self, seq: Sequence) -> None:
+        """Give back ``seq``'s slot, or its place in the queue; it never runs again."""
         with self._cond:
             if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
                 self.slots[seq.slot] = None
-        seq.phase = Phase.DONE
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            seq.phase = Phase.DONE
 
     def prefilling(self) -> Sequence | None:
         pre = [s for s in self.slots if s is not None and s.phase is Phase.PREFILL]

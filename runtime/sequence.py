@@ -100,7 +100,7 @@ class StopStrings:
         return out
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue and the slots find a request by what it is, not its fields
 class Sequence:
     """A request's state on the engine loop. ``choose`` picks each next token from [1, V] logits."""
 

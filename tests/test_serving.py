@@ -324,3 +324,27 @@ def test_cuda_graph_step_equals_the_eager_step(tiny_ckpt, convs):
         assert bool(eng._core.runner._graphs) == graphs
     assert runs[True] == runs[False]
     torch.testing.assert_close(runs[(True, "rows")], runs[(False, "rows")], atol=1e-5, rtol=1e-5)
+
+
+def test_a_request_cancelled_while_waiting_never_runs(tiny_ckpt, convs, alone):
+    eng = qvl.load(tiny_ckpt, max_seq_len=512, max_batch=1)
+    gate, runner = threading.Event(), eng._core.runner
+    started, real = [], runner.start
+
+    def start(seq):
+        started.append(seq.id)
+        gate.wait(30)
+        real(seq)
+
+    runner.start = start
+    first = eng.submit(convs["text_short"], max_new_tokens=12, ignore_eos=True)
+    waiting = [eng.submit(convs["image"], max_new_tokens=5, ignore_eos=True) for _ in range(2)]
+    last = eng.submit(convs["multi_image"], max_new_tokens=15, ignore_eos=True)
+    for h in waiting:
+        h.cancel()
+    gate.set()
+    assert first.result() == alone[0] and last.result() == alone[2]
+    assert [h.result() for h in waiting] == [[], []]
+    assert all(h.finish_reason == "cancelled" for h in waiting)
+    assert started == [first.id, last.id]
+    assert _free(eng)
