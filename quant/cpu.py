@@ -2,15 +2,20 @@
 
 torch's CPU int4 kernel runs only with bf16 activations (fp32 would dequantize per call), takes
 8-bit weights only as two nibbles (two passes), and is slow at prefill. qvl carries a small
-AVX-512 GEMV instead (fp32 or bf16 activations, exact fp32 products, 8-bit as bytes, AutoGPTQ /
+SIMD GEMV instead (fp32 or bf16 activations, exact fp32 products, 8-bit as bytes, AutoGPTQ /
 AutoAWQ group semantics; 4-bit decode streams as fast as torch's kernel or slightly faster) and,
 for many-token products (prefill), a dequantizer feeding torch's dense GEMM. Figures:
 bench/results/quant.md.
 
-The C file is compiled with the system C compiler (``$CC``, else ``cc``) and ``-march=native``
-into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the source, compiler and
-CPU, atomically (temp file, then rename). No compiler, no AVX-512, a failed self-check, or
-``QVL_CPU_KERNEL=0``: :func:`unavailable` says why and the linears use torch's kernels instead.
+The C file has two code paths, built as two variants (:data:`VARIANTS`): ``avx512`` (AVX-512 F,
+BW + F16C, compiled with ``-march=native``) and ``avx2`` (AVX2 + FMA, compiled with
+``-mavx2 -mfma`` only, for the x86 CPUs without AVX-512). The CPU's flags in /proc/cpuinfo pick
+the first that runs here; ``QVL_CPU_ISA=avx2`` (or ``avx512``) forces one, e.g. to check the
+AVX2 build on an AVX-512 machine. Each variant is compiled with the system C compiler (``$CC``,
+else ``cc``) into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the
+variant, source, compiler and CPU, atomically (temp file, then rename). No compiler, neither
+ISA, a failed self-check, or ``QVL_CPU_KERNEL=0``: :func:`unavailable` says why and the linears
+use torch's kernels instead.
 """
 
 from __future__ import annotations
@@ -34,9 +39,18 @@ SOURCE = Path(__file__).with_name("qgemv.c")
 # rows of x up to which the GEMV (its weights re-read from cache for each row) is used; dequantize +
 # GEMM breaks even at 12-16 rows on a 2B MLP matrix (2 cores), so 8 keeps to the safe side
 GEMV_MAX_M = 8
+# name -> (what its qvl_isa() returns, the compiler's target flags, the /proc/cpuinfo flags it needs),
+# in the order auto-detection tries them
+VARIANTS = {
+    "avx512": (512, ("-march=native",), ("avx512f", "avx512bw", "f16c")),
+    "avx2": (256, ("-mavx2", "-mfma"), ("avx2", "fma")),
+}
+ISA_ENV = "QVL_CPU_ISA"
 _lib: ctypes.CDLL | None = None
+_isa: str | None = None
 _reason: str | None = None
 _loaded = False
+_opened: dict[str, ctypes.CDLL] = {}
 
 
 def _cpu_id() -> Iterator[str]:
@@ -48,26 +62,53 @@ def _cpu_id() -> Iterator[str]:
         yield platform.processor()
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags, or None where /proc/cpuinfo cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def choose_variant() -> tuple[str | None, str | None]:
+    """(variant, None) for the build this CPU runs ($QVL_CPU_ISA, else its flags), or (None, why not)."""
+    forced = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if forced != "auto" and forced not in VARIANTS:
+        return None, f"{ISA_ENV}={forced!r} is not one of auto, {', '.join(VARIANTS)}"
+    names = list(VARIANTS) if forced == "auto" else [forced]
+    flags = _cpu_flags()
+    if flags is None:  # no cpuinfo: try the first, its qvl_isa() tells whether it runs here
+        return names[0], None
+    for name in names:
+        if set(VARIANTS[name][2]) <= flags:
+            return name, None
+    if forced == "auto":
+        return None, "this CPU has neither AVX-512 (F, BW) + F16C nor AVX2 + FMA"
+    lacks = sorted(set(VARIANTS[forced][2]) - flags)
+    return None, f"{ISA_ENV}={forced} but this CPU lacks {', '.join(lacks)}"
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("QVL_KERNEL_CACHE") or Path.home() / ".cache" / "qvl" / "kernels")
 
 
-def _build() -> Path:
+def _build(variant: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc / gcc / $CC) to build it")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", *VARIANTS[variant][1], "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, *flags, platform.machine(),
+    key = hashlib.sha256("\n".join([variant, SOURCE.read_text(), cc, version, *flags, platform.machine(),
                                     *sorted(set(_cpu_id()))]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"qgemv-{key}.so"
+    out = _cache_dir() / f"qgemv-{variant}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        log.info("building qvl's CPU kernel with %s (once, cached in %s)", cc, out.parent)
+        log.info("building qvl's %s CPU kernel with %s (once, cached in %s)", variant, cc, out.parent)
         r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
@@ -78,8 +119,31 @@ def _build() -> Path:
     return out
 
 
+def open_variant(variant: str) -> ctypes.CDLL:
+    """The built, self-checked library of one variant (built on first use), whatever the CPU's
+    flags say; RuntimeError saying why it cannot run here. The linears use the one
+    :func:`choose_variant` picks; tests open each."""
+    if variant in _opened:
+        return _opened[variant]
+    try:
+        lib = ctypes.CDLL(str(_build(variant)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"qvl's {variant} CPU kernel could not be built: {e}") from e
+    if lib.qvl_isa() != VARIANTS[variant][0]:
+        raise RuntimeError(f"qvl's {variant} CPU kernel did not compile its {variant} path "
+                           f"(qvl_isa {lib.qvl_isa()}): this CPU or compiler lacks {', '.join(VARIANTS[variant][2])}")
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.qvl_qgemm.argtypes = [i, p, i, i, i, p, p, p, i, i, p, p, i, i]
+    lib.qvl_dequant.argtypes = [i, p, p, p, i, i, i, p, i, i]
+    err = _self_check(lib)
+    if err:
+        raise RuntimeError(f"qvl's {variant} CPU kernel {err}")
+    _opened[variant] = lib
+    return lib
+
+
 def _load() -> None:
-    global _lib, _reason, _loaded
+    global _lib, _isa, _reason, _loaded
     _loaded = True
     if os.environ.get("QVL_CPU_KERNEL", "1") == "0":
         _reason = "disabled by QVL_CPU_KERNEL=0"
@@ -87,23 +151,21 @@ def _load() -> None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         _reason = f"no qvl CPU kernel for {platform.machine()}"
         return
+    variant, _reason = choose_variant()
+    if variant is None:
+        return
     try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _reason = f"qvl's CPU kernel could not be built: {e}"
+        _lib, _isa = open_variant(variant), variant
+    except RuntimeError as e:
+        _reason = str(e)
         log.warning("%s; quantized linears use torch's kernels", _reason)
-        return
-    if lib.qvl_isa() != 512:
-        _reason = "this CPU lacks AVX-512 (F, BW) and F16C"
-        return
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.qvl_qgemm.argtypes = [i, p, i, i, i, p, p, p, i, i, p, p, i, i]
-    lib.qvl_dequant.argtypes = [i, p, p, p, i, i, i, p, i, i]
-    _lib = lib
-    err = _self_check()
-    if err:
-        _lib, _reason = None, err
-        log.warning("%s; quantized linears use torch's kernels", err)
+
+
+def isa() -> str | None:
+    """The variant the linears run ("avx512" or "avx2"), or None where none can (builds on first call)."""
+    if not _loaded:
+        _load()
+    return _isa
 
 
 def unavailable() -> str | None:
@@ -172,32 +234,33 @@ def _ptr(t: torch.Tensor | None):
 
 
 def qgemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
-          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (fp32 or bf16, contiguous) @ W.T (+ bias fp32) -> [M, N] in x's dtype."""
+          bias: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] (fp32 or bf16, contiguous) @ W.T (+ bias fp32) -> [M, N] in x's dtype; ``lib``: a
+    variant from :func:`open_variant` instead of the loaded one."""
     m, k = x.shape
     n = w.shape[0] * ROWS
     y = torch.empty(m, n, dtype=x.dtype)
-    rc = _lib.qvl_qgemm(bits, x.data_ptr(), x.dtype == torch.bfloat16, m, k, w.data_ptr(), scales.data_ptr(),
-                        zeros.data_ptr(), n, group, _ptr(bias), y.data_ptr(), y.dtype == torch.bfloat16,
-                        torch.get_num_threads())
+    rc = (lib or _lib).qvl_qgemm(bits, x.data_ptr(), x.dtype == torch.bfloat16, m, k, w.data_ptr(),
+                                 scales.data_ptr(), zeros.data_ptr(), n, group, _ptr(bias), y.data_ptr(),
+                                 y.dtype == torch.bfloat16, torch.get_num_threads())
     if rc:
         raise RuntimeError(f"qvl_qgemm failed ({rc}) on x {list(x.shape)}, W [{n}, {k}], group {group}")
     return y
 
 
 def dequantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int, group: int,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """The dense W [N, K] in ``dtype`` (fp32, or bf16 rounded once from fp32)."""
     n = w.shape[0] * ROWS
     out = torch.empty(n, k, dtype=dtype)
-    rc = _lib.qvl_dequant(bits, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group, out.data_ptr(),
-                          dtype == torch.bfloat16, torch.get_num_threads())
+    rc = (lib or _lib).qvl_dequant(bits, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group,
+                                   out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
     if rc:
         raise RuntimeError(f"qvl_dequant failed ({rc}) on W [{n}, {k}], group {group}")
     return out
 
 
-def _self_check() -> str | None:
+def _self_check(lib: ctypes.CDLL) -> str | None:
     """The built library against the plain formula, both widths, both activation dtypes."""
     g = torch.Generator().manual_seed(0)
     n, k, group = 8, 128, 64
@@ -210,12 +273,16 @@ def _self_check() -> str | None:
         wp = pack(q, bits)
         x = torch.randn(3, k, generator=g)
         bias = torch.randn(n, generator=g)
+        xb = x.bfloat16()
         try:
-            y = qgemm(x, wp, s, z, bits, group, bias)
-            d = dequantize(wp, s, z, bits, k, group, torch.float32)
+            y = qgemm(x, wp, s, z, bits, group, bias, lib=lib)
+            yb = qgemm(xb, wp, s, z, bits, group, bias, lib=lib).float()
+            d = dequantize(wp, s, z, bits, k, group, torch.float32, lib=lib)
         except RuntimeError as e:
-            return f"qvl's CPU kernel failed its self-check: {e}"
+            return f"failed its self-check: {e}"
         ref = x @ ref_w.t() + bias
-        if not torch.equal(d, ref_w) or (y - ref).abs().max() > 1e-4 * ref.abs().max():
-            return f"qvl's CPU kernel ({bits}-bit) disagrees with the plain formula in its self-check"
+        ref_b = xb.float() @ ref_w.t() + bias
+        if (not torch.equal(d, ref_w) or (y - ref).abs().max() > 1e-4 * ref.abs().max()
+                or (yb - ref_b).abs().max() > 2**-7 * ref_b.abs().max()):
+            return f"({bits}-bit) disagrees with the plain formula in its self-check"
     return None

@@ -1,4 +1,5 @@
-/* Weight-only quantized matrix-vector products for x86-64 CPUs with AVX-512 (qvl.quant.cpu).
+/* Weight-only quantized matrix-vector products for x86-64 CPUs with AVX-512 or AVX2 + FMA
+ * (qvl.quant.cpu).
  *
  * Why this file exists: torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) takes only bf16
  * activations (fp32 and fp16 run far slower), reads 8-bit weights only as two 4-bit passes and is
@@ -19,7 +20,14 @@
  *   int4 chunk: 64 columns; byte j holds column j (low nibble) and column j + 32 (high), so
  *   one load widens into two vectors of 32 codes.  int8 chunk: 32 columns, one byte each.
  *   scales: fp16 bits [N/4, G, 4]; zeros: uint8 [N/4, G, 4].
- * Built with -march=native by qvl.quant.cpu; qvl_isa() says whether the AVX-512 path is in.
+ *
+ * Two code paths, picked by the compiler's target macros, with the same entry points, layouts
+ * and arithmetic (only the order of the fp32 sums differs): AVX-512 (F, BW, F16C; qvl.quant.cpu
+ * builds it with -march=native, and uses vdpbf16ps where AVX512_BF16 is there) and AVX2 + FMA
+ * (built with -mavx2 -mfma only, for CPUs without AVX-512: Intel N100/N305, AMD before Zen 4;
+ * bf16 activations are widened to fp32 first, and fp16 scales are decoded in software since
+ * -mavx2 does not imply F16C).
+ * qvl_isa() says which path is in: 512, 256 or 0 (none: every entry point returns -1).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,6 +35,11 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define QVL_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QVL_AVX2 1
+#endif
+#if defined(QVL_AVX512) || defined(QVL_AVX2)
+#define QVL_SIMD 1
 #include <immintrin.h>
 #endif
 
@@ -35,14 +48,16 @@
 #define PREFETCH 4096 /* bytes ahead of the stream: DRAM latency on a VM is long */
 
 int qvl_isa(void) {
-#ifdef QVL_AVX512
+#if defined(QVL_AVX512)
     return 512;
+#elif defined(QVL_AVX2)
+    return 256;
 #else
     return 0;
 #endif
 }
 
-#ifdef QVL_AVX512
+#ifdef QVL_SIMD
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -88,40 +103,94 @@ static inline void store(void *y, int y_bf16, size_t i, float v) {
         ((float *)y)[i] = v;
 }
 
-static inline __m512 u8x16_to_ps(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+static inline void prefetch_block(const uint8_t *blk) {
+    _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+}
 
-/* What the three row kernels share: per row, the scaled group sums and the zero term. */
+#endif /* QVL_SIMD */
+
+/* The vector type and the few operations the shared row code needs, per path. */
+#if defined(QVL_AVX512)
+
+typedef __m512 vf;
+static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float half_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+#elif defined(QVL_AVX2)
+
+typedef __m256 vf;
+static inline vf vf_zero(void) { return _mm256_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm256_set1_ps(a); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vf_sum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* IEEE fp16 bits -> fp32, exactly (subnormals, inf and NaN included): one per group and row, so
+ * software costs nothing measurable and keeps the build to -mavx2 -mfma. */
+static inline float half_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0x1fu) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else if (e) {
+        u = sign | ((e + 112u) << 23) | (m << 13);
+    } else {  /* zero or subnormal: m * 2**-24, exact in fp32 */
+        float f = (float)m * 0x1p-24f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#endif
+
+#ifdef QVL_SIMD
+
+/* What the row kernels share: per row, the scaled group sums and the zero term. */
 typedef struct {
-    __m512 tot[ROWS];
+    vf tot[ROWS];
     float zt[ROWS];
 } RowSums;
 
 static inline void rows_init(RowSums *acc) {
     for (int r = 0; r < ROWS; r++) {
-        acc->tot[r] = _mm512_setzero_ps();
+        acc->tot[r] = vf_zero();
         acc->zt[r] = 0.f;
     }
 }
 
 /* Close group g: y += s * (sum q * x) - s * (z + zoff) * sum x, zoff the codes' offset. */
-static inline void rows_close_group(RowSums *acc, const __m512 *a0, const __m512 *a1, const uint16_t *sc,
+static inline void rows_close_group(RowSums *acc, const vf *a0, const vf *a1, const uint16_t *sc,
                                     const uint8_t *zr, int g, float xsum, float zoff) {
     for (int r = 0; r < ROWS; r++) {
         const size_t i = (size_t)g * ROWS + r;
-        const float s = _cvtsh_ss(sc[i]);
-        acc->tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_add_ps(a0[r], a1[r]), acc->tot[r]);
+        const float s = half_to_f32(sc[i]);
+        acc->tot[r] = vf_fmadd(vf_set1(s), vf_add(a0[r], a1[r]), acc->tot[r]);
         acc->zt[r] += s * (zoff + (float)zr[i]) * xsum;
     }
 }
 
 static inline void rows_finish(const RowSums *acc, float *out) {
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc->tot[r]) - acc->zt[r];
+    for (int r = 0; r < ROWS; r++) out[r] = vf_sum(acc->tot[r]) - acc->zt[r];
 }
 
-static inline void prefetch_block(const uint8_t *blk) {
-    _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-    _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
-}
+#endif /* QVL_SIMD */
+
+#ifdef QVL_AVX512
+
+static inline __m512 u8x16_to_ps(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
 
 #ifdef __AVX512BF16__
 /* bf16 activations: the codes become bf16 numbers 128 + q with one OR (0x4300 is bf16 128.0,
@@ -202,13 +271,142 @@ static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, 
     rows_finish(&acc, out);
 }
 
+/* One row's chunk of codes (64 columns for int4, 32 for int8) -> s * (q - z) at dst[o...]. */
+static inline void dequant_chunk(int bits, const uint8_t *p, float sf, float zf, void *dst, size_t o,
+                                 int out_bf16) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    const __m512 s = _mm512_set1_ps(sf), z = _mm512_set1_ps(zf);
+    const int cols = bits == 4 ? 64 : 32;
+    __m512 v[4];
+    const __m128i b0 = _mm_loadu_si128((const __m128i *)p), b1 = _mm_loadu_si128((const __m128i *)(p + 16));
+    if (bits == 4) {  /* columns 0..31 in the low nibbles, 32..63 in the high */
+        v[0] = u8x16_to_ps(_mm_and_si128(b0, low));
+        v[1] = u8x16_to_ps(_mm_and_si128(b1, low));
+        v[2] = u8x16_to_ps(_mm_and_si128(_mm_srli_epi16(b0, 4), low));
+        v[3] = u8x16_to_ps(_mm_and_si128(_mm_srli_epi16(b1, 4), low));
+    } else {
+        v[0] = u8x16_to_ps(b0);
+        v[1] = u8x16_to_ps(b1);
+    }
+    for (int h = 0; h < cols / 16; h++) {
+        const __m512 f = _mm512_mul_ps(_mm512_sub_ps(v[h], z), s);
+        if (out_bf16) {  /* round to nearest even (weights are finite) */
+            __m512i u = _mm512_castps_si512(f);
+            u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                      _mm512_set1_epi32(1))));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + o + 16 * h),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        } else {
+            _mm512_storeu_ps((float *)dst + o + 16 * h, f);
+        }
+    }
+}
+
 #endif /* QVL_AVX512 */
 
-/* y [M, N] = x [M, K] @ W.T (+ bias [N] fp32). bits 4 or 8. Returns 0, or -1 (no AVX-512 path,
+#ifdef QVL_AVX2
+
+/* 8 codes (bytes) -> 8 int32 lanes, loaded straight from memory (one vpmovzxbd). */
+static inline __m256i u8x8_to_epi32(const uint8_t *p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+/* int4, fp32 activations (bf16 ones are widened by prepare_x): each 8-byte load holds columns
+ * h..h+7 in its low nibbles and h+32..h+39 in its high ones. */
+static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
+                           const uint8_t *zr, int G, int group, float *out) {
+    const __m256i low = _mm256_set1_epi32(0x0f);
+    RowSums acc;
+    rows_init(&acc);
+    for (int g = 0; g < G; g++) {
+        __m256 a0[ROWS], a1[ROWS];
+        for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+        for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+            const uint8_t *blk = w + (size_t)(k0 / 64) * ROWS * CHUNK;
+            prefetch_block(blk);
+            for (int h = 0; h < 32; h += 8) {
+                const __m256 xlo = _mm256_loadu_ps(xm + k0 + h), xhi = _mm256_loadu_ps(xm + k0 + 32 + h);
+                for (int r = 0; r < ROWS; r++) {
+                    const __m256i b = u8x8_to_epi32(blk + r * CHUNK + h);
+                    a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), xlo, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), xhi, a1[r]);
+                }
+            }
+        }
+        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
+    }
+    rows_finish(&acc, out);
+}
+
+static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
+                           const uint8_t *zr, int G, int group, float *out) {
+    RowSums acc;
+    rows_init(&acc);
+    for (int g = 0; g < G; g++) {
+        __m256 a0[ROWS], a1[ROWS];
+        for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+        for (int k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
+            const uint8_t *blk = w + (size_t)(k0 / 32) * ROWS * CHUNK;
+            prefetch_block(blk);
+            for (int h = 0; h < 32; h += 16) {
+                const __m256 x0 = _mm256_loadu_ps(xm + k0 + h), x1 = _mm256_loadu_ps(xm + k0 + h + 8);
+                for (int r = 0; r < ROWS; r++) {
+                    const uint8_t *p = blk + r * CHUNK + h;
+                    a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u8x8_to_epi32(p)), x0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u8x8_to_epi32(p + 8)), x1, a1[r]);
+                }
+            }
+        }
+        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
+    }
+    rows_finish(&acc, out);
+}
+
+/* fp32 -> bf16 bits, round to nearest even (weights are finite), 16 values from two vectors. */
+static inline void store_bf16x16(uint16_t *dst, __m256 f0, __m256 f1) {
+    const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    __m256i u0 = _mm256_castps_si256(f0), u1 = _mm256_castps_si256(f1);
+    u0 = _mm256_srli_epi32(_mm256_add_epi32(u0, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u0, 16), one))), 16);
+    u1 = _mm256_srli_epi32(_mm256_add_epi32(u1, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u1, 16), one))), 16);
+    /* packus works per 128-bit lane: [u0 0..3, u1 0..3, u0 4..7, u1 4..7], put back in order */
+    _mm256_storeu_si256((__m256i *)dst, _mm256_permute4x64_epi64(_mm256_packus_epi32(u0, u1), 0xD8));
+}
+
+static inline void dequant_chunk(int bits, const uint8_t *p, float sf, float zf, void *dst, size_t o,
+                                 int out_bf16) {
+    const __m256i low = _mm256_set1_epi32(0x0f);
+    const __m256 s = _mm256_set1_ps(sf), z = _mm256_set1_ps(zf);
+    const int cols = bits == 4 ? 64 : 32;
+    __m256 v[8];
+    for (int j = 0; j < 4; j++) {
+        const __m256i b = u8x8_to_epi32(p + 8 * j);
+        if (bits == 4) {  /* columns 0..31 in the low nibbles, 32..63 in the high */
+            v[j] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+            v[4 + j] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        } else {
+            v[j] = _mm256_cvtepi32_ps(b);
+        }
+    }
+    for (int h = 0; h < cols / 8; h += 2) {
+        const __m256 f0 = _mm256_mul_ps(_mm256_sub_ps(v[h], z), s);
+        const __m256 f1 = _mm256_mul_ps(_mm256_sub_ps(v[h + 1], z), s);
+        if (out_bf16) {
+            store_bf16x16((uint16_t *)dst + o + 8 * h, f0, f1);
+        } else {
+            _mm256_storeu_ps((float *)dst + o + 8 * h, f0);
+            _mm256_storeu_ps((float *)dst + o + 8 * h + 8, f1);
+        }
+    }
+}
+
+#endif /* QVL_AVX2 */
+
+/* y [M, N] = x [M, K] @ W.T (+ bias [N] fp32). bits 4 or 8. Returns 0, or -1 (no SIMD path,
  * shapes it does not take: N % 4, group % 32, K % group) or -2 (out of memory). */
 int qvl_qgemm(int bits, const void *x, int x_bf16, int M, int K, const uint8_t *w, const uint16_t *scales,
               const uint8_t *zeros, int N, int group, const float *bias, void *y, int y_bf16, int threads) {
-#ifdef QVL_AVX512
+#ifdef QVL_SIMD
     const int block = bits == 4 ? 64 : 32;
     if ((bits != 4 && bits != 8) || N % ROWS || group % block || K % group || M < 1) return -1;
     const int G = K / group;
@@ -252,46 +450,19 @@ int qvl_qgemm(int bits, const void *x, int x_bf16, int M, int K, const uint8_t *
  * product (prefill) multiplies with torch's GEMM. Same return codes as qvl_qgemm. */
 int qvl_dequant(int bits, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int N, int K,
                 int group, void *out, int out_bf16, int threads) {
-#ifdef QVL_AVX512
+#ifdef QVL_SIMD
     if ((bits != 4 && bits != 8) || N % ROWS || group % (bits == 4 ? 64 : 32) || K % group) return -1;
-    const int G = K / group;
-    const __m128i low = _mm_set1_epi8(0x0f);
+    const int G = K / group, cols = bits == 4 ? 64 : 32;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int n = 0; n < N; n++) {
-        const int b = n / ROWS, r = n % ROWS, cols = bits == 4 ? 64 : 32;
+        const int b = n / ROWS, r = n % ROWS;
         const uint8_t *wb = w + (size_t)b * ROWS * K * bits / 8;
         for (int g = 0; g < G; g++) {
             const size_t i = ((size_t)b * G + g) * ROWS + r;
-            const __m512 s = _mm512_set1_ps(_cvtsh_ss(scales[i]));
-            const __m512 z = _mm512_set1_ps((float)zeros[i]);
-            for (int k0 = g * group; k0 < (g + 1) * group; k0 += cols) {
-                const uint8_t *p = wb + ((size_t)(k0 / cols) * ROWS + r) * CHUNK;
-                __m512 v[4];
-                const __m128i b0 = _mm_loadu_si128((const __m128i *)p), b1 = _mm_loadu_si128((const __m128i *)(p + 16));
-                if (bits == 4) {  /* columns 0..31 in the low nibbles, 32..63 in the high */
-                    v[0] = u8x16_to_ps(_mm_and_si128(b0, low));
-                    v[1] = u8x16_to_ps(_mm_and_si128(b1, low));
-                    v[2] = u8x16_to_ps(_mm_and_si128(_mm_srli_epi16(b0, 4), low));
-                    v[3] = u8x16_to_ps(_mm_and_si128(_mm_srli_epi16(b1, 4), low));
-                } else {
-                    v[0] = u8x16_to_ps(b0);
-                    v[1] = u8x16_to_ps(b1);
-                }
-                for (int h = 0; h < cols / 16; h++) {
-                    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(v[h], z), s);
-                    const size_t o = (size_t)n * K + k0 + 16 * h;
-                    if (out_bf16) {  /* round to nearest even (weights are finite) */
-                        __m512i u = _mm512_castps_si512(f);
-                        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                                 _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                                  _mm512_set1_epi32(1))));
-                        _mm256_storeu_si256((__m256i *)((uint16_t *)out + o),
-                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-                    } else {
-                        _mm512_storeu_ps((float *)out + o, f);
-                    }
-                }
-            }
+            const float s = half_to_f32(scales[i]), z = (float)zeros[i];
+            for (int k0 = g * group; k0 < (g + 1) * group; k0 += cols)
+                dequant_chunk(bits, wb + ((size_t)(k0 / cols) * ROWS + r) * CHUNK, s, z, out, (size_t)n * K + k0,
+                              out_bf16);
         }
     }
     return 0;
