@@ -25,8 +25,8 @@ def load(path, **options):
 # The public names load lazily, so that importing qvl sets the OpenMP spin above before torch loads.
 _LAZY = {
     "Engine": "qvl.runtime.engine", "LoadOptions": "qvl.runtime.options", "SamplingParams": "qvl.runtime.sampler",
-    "Stats": "qvl.runtime.sequence", "Handle": "qvl.runtime.sequence", "QueueFullError": "qvl.runtime.sequence",
-    "PromptTooLongError": "qvl.runtime.sequence", "RequestCancelled": "qvl.runtime.sequence",
+    "Stats": "qvl.runtime.sequence", "Handle": "qvl.runtime.sequence", "QueueFullError": "qvl.runtime.errors",
+    "PromptTooLongError": "qvl.runtime.errors",
 }
 
 

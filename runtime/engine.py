@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import time
 import weakref
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import torch
 
 from qvl.runtime.core import EngineCore
 from qvl.runtime.fetch import FetchPolicy
+from qvl.runtime.inputs import InputLimits
 from qvl.runtime.loader import load_model, read_config
 from qvl.runtime.onnx_vision import OnnxVision
 from qvl.runtime.options import LoadOptions
@@ -22,7 +24,8 @@ from qvl.runtime.prompt import Request, build_request
 from qvl.runtime.runner import ModelRunner
 from qvl.runtime.sampler import SamplingParams
 from qvl.runtime.scheduler import Scheduler
-from qvl.runtime.sequence import Handle, PromptTooLongError, QueueFullError, Sequence, Stats
+from qvl.runtime.errors import PromptTooLongError, QueueFullError
+from qvl.runtime.sequence import Handle, Sequence, Stats
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
 
@@ -63,6 +66,7 @@ class Engine:
         self.processor = ImageProcessor(ImageProcessorConfig.from_dir(path))
         self.video_processor = VideoProcessor(VideoProcessorConfig.from_dir(path))
         self.fetch_policy = FetchPolicy.from_env(opts.allow_remote)
+        self.limits = InputLimits(opts.max_image_pixels, opts.max_decode_pixels, opts.max_vision_tokens)
         self.stop_ids = _stop_ids(path, self.tokenizer)
         cfg = self.model.cfg
         self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
@@ -82,7 +86,7 @@ class Engine:
     def _request(self, messages, add_vision_id: bool) -> Request:
         merge = self.model.cfg.vision.spatial_merge_size
         return build_request(messages, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
-                             self.fetch_policy)
+                             self.fetch_policy, self.limits, self.model.max_seq)
 
     def submit(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                seed=None, stop=(), add_vision_id=False, ignore_eos=False) -> Handle:
@@ -91,10 +95,13 @@ class Engine:
         caller's thread, so a bad input raises here and never reaches the loop. ``stop``: strings
         that end the answer (not included in its text). Raises ``QueueFullError`` when every slot
         is busy and ``max_queue`` requests wait."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if isinstance(stop, str):
-            stop = (stop,)
+        stop = (stop,) if isinstance(stop, str) else () if stop is None else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         req = self._request(messages, add_vision_id)
         max_seq = self.model.max_seq
@@ -112,13 +119,17 @@ class Engine:
         self._core.submit(seq)
         return Handle(seq, self._core.wake)
 
-    def generate_ids(self, messages, max_new_tokens=128, **kw):
-        """Like ``generate`` but returns the new token ids per conversation (stop token included)."""
+    def _run_all(self, messages, max_new_tokens, kw, collect):
+        """Submit one conversation or each of a list, side by side; ``collect(handle)`` each answer.
+
+        A list longer than the free slots and the queue waits for its own earlier answers instead
+        of failing; an error about one conversation of a list names it."""
         single = _is_single(messages)
+        convs = [messages] if single else list(messages)
         handles: list[Handle] = []
-        waited = 0  # a list longer than the queue waits for its own earlier answers, not an error
+        waited = 0
         try:
-            for conv in [messages] if single else list(messages):
+            for i, conv in enumerate(convs):
                 while True:
                     try:
                         handles.append(self.submit(conv, max_new_tokens, **kw))
@@ -128,29 +139,26 @@ class Engine:
                             raise
                         handles[waited].result()
                         waited += 1
-            out = [h.result() for h in handles]
+                    except ValueError as e:
+                        if single:
+                            raise
+                        raise type(e)(f"conversation {i}: {e}") from e
+            out = [collect(h) for h in handles]
         finally:
             for h in handles:
                 h.cancel()
         self.last_stats = Stats.combine([h.stats for h in handles])
         return out[0] if single else out
 
+    def generate_ids(self, messages, max_new_tokens=128, **kw):
+        """Like ``generate`` but returns the new token ids per conversation (stop token included)."""
+        return self._run_all(messages, max_new_tokens, kw, Handle.result)
+
     def generate(self, messages, max_new_tokens=128, **kw):
         """One conversation -> str; a list of conversations -> list[str] (decoded side by side)."""
-        if kw.get("stop"):
-            answers = [self._text(conv, max_new_tokens, kw) for conv in ([messages] if _is_single(messages)
-                                                                         else messages)]
-            return answers[0] if _is_single(messages) else answers
-        ids = self.generate_ids(messages, max_new_tokens, **kw)
-        if _is_single(messages):
-            return self.tokenizer.decode(ids)
-        return [self.tokenizer.decode(x) for x in ids]
-
-    def _text(self, conv, max_new_tokens, kw) -> str:
-        h = self.submit(conv, max_new_tokens, **kw)
-        text = "".join(h.text())
-        self.last_stats = h.stats
-        return text
+        if kw.get("stop"):  # the streamed text is what the stop strings cut
+            return self._run_all(messages, max_new_tokens, kw, lambda h: "".join(h.text()))
+        return self._run_all(messages, max_new_tokens, kw, lambda h: self.tokenizer.decode(h.result()))
 
     def stream(self, messages, max_new_tokens=128, **kw) -> Iterator[str]:
         """Yield text pieces of one conversation's answer as they are decoded. Closing or dropping

@@ -28,6 +28,9 @@ class LoadOptions:
     ``decode_kv``: "full" (fixed shapes, the whole cache under a mask) or "live" (the longest live
     prefix); default "full" where the step is a CUDA graph, else "live".
     ``cuda_graphs``: capture the decode step per batch bucket (default: on for CUDA devices).
+    ``max_image_pixels``, ``max_decode_pixels``, ``max_vision_tokens``: what one request's pictures
+    may cost (``qvl.runtime.inputs.InputLimits``: the pixels an image may be resized to, the pixels
+    a file may decode to, read from its header, and the vision tokens of a request).
     """
 
     device: str = "cpu"
@@ -41,6 +44,9 @@ class LoadOptions:
     quant_kernel: str = "auto"
     decode_kv: str | None = None
     cuda_graphs: bool | None = None
+    max_image_pixels: int = 16384 * 28 * 28
+    max_decode_pixels: int = 64_000_000
+    max_vision_tokens: int | None = None
 
 
 def option_names() -> list[str]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from qvl.runtime.fetch import FetchPolicy
-from qvl.runtime.inputs import extract_vision, fetch_image
+from qvl.runtime.errors import PromptTooLongError
+from qvl.runtime.inputs import InputLimits, item_source, extract_vision, finish_image, image_tokens, open_image
 from qvl.runtime.processor import ImageProcessor
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video import fetch_video
@@ -39,15 +40,38 @@ class Request:
             self.vision_grids = list(self.grids)
 
 
+def _check_vision_budget(tokens: int, limits: InputLimits) -> None:
+    if limits.max_vision_tokens is not None and tokens > limits.max_vision_tokens:
+        raise ValueError(f"the request's images and videos take {tokens} vision tokens, over the limit of "
+                         f"{limits.max_vision_tokens} (max_vision_tokens at load)")
+
+
 def build_request(messages, tokenizer: Tokenizer, processor: ImageProcessor, merge: int,
                   add_vision_id: bool = False, video_processor: VideoProcessor | None = None,
-                  policy: FetchPolicy | None = None) -> Request:
+                  policy: FetchPolicy | None = None, limits: InputLimits | None = None,
+                  max_tokens: int | None = None) -> Request:
+    """One conversation -> model inputs. ``max_tokens`` (the KV cache): a prompt whose text and
+    images, counted from the image files' headers, would not fit is refused before any image is
+    decoded."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    limits = limits or InputLimits()
     items = extract_vision(messages)  # also validates the shape of every message and item
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, add_vision_id=add_vision_id)
     patch = processor.cfg.patch_size
-    images = [fetch_image(it, patch, policy) for kind, it in items if kind == "image"]
+    image_items = [it for kind, it in items if kind == "image"]
+    opened = [open_image(item_source(it), policy, limits.max_decode_pixels) for it in image_items]
+    if opened:
+        vision = sum(image_tokens(it, im, patch, limits) for it, im in zip(image_items, opened))
+        _check_vision_budget(vision, limits)
+    if max_tokens is not None and opened:
+        need = len(tokenizer.encode(_PAD_RE.sub("", text))) + vision
+        if need >= max_tokens:
+            raise PromptTooLongError(f"the prompt's text and {len(opened)} images take {need} tokens, more than the "
+                                     f"KV cache holds (max_seq_len={max_tokens}); shrink the images (max_pixels) "
+                                     "or load with a larger max_seq_len")
+    images = [finish_image(it, im, patch, limits) for it, im in zip(image_items, opened)]
+    del opened
     pixel_values, grids = None, []
     if images:
         pixel_values, grid_thw = processor(images)
@@ -57,6 +81,9 @@ def build_request(messages, tokenizer: Tokenizer, processor: ImageProcessor, mer
     if video_items:
         video_processor = video_processor or VideoProcessor()
         videos = [video_processor.prepare(fetch_video(it, patch, policy).frames) for it in video_items]
+    if videos:
+        _check_vision_budget(sum(t * h * w for t, h, w in grids) // merge**2
+                             + sum(v.grid[0] * v.grid[1] * v.grid[2] for v in videos) // merge**2, limits)
     parts = _PAD_RE.split(text)  # text, pad, text, pad, ..., text
     kinds = ["image" if p == IMAGE_PAD else "video" for p in parts[1::2]]
     if kinds != [kind for kind, _ in items]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import collections
 import threading
 
-from qvl.runtime.sequence import Phase, QueueFullError, Sequence
+from qvl.runtime.errors import QueueFullError
+from qvl.runtime.sequence import Phase, Sequence
 
 
 class Scheduler:

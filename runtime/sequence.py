@@ -22,18 +22,6 @@ from qvl.runtime.prompt import Request
 from qvl.runtime.sampler import Sampler, SamplingParams
 
 
-class PromptTooLongError(ValueError):
-    pass
-
-
-class QueueFullError(RuntimeError):
-    """Every slot is busy and the waiting queue holds ``max_queue`` requests (HTTP 429)."""
-
-
-class RequestCancelled(RuntimeError):
-    pass
-
-
 @dataclass
 class Stats:
     prompt_tokens: int = 0

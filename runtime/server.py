@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qvl.runtime.media_policy import MediaPolicy, MediaRefused
 from qvl.runtime.openai_api import ApiError, ChatRequest, parse_chat, submit_kwargs, to_messages
 from qvl.runtime.serve_metrics import Metrics
-from qvl.runtime.sequence import PromptTooLongError, QueueFullError
+from qvl.runtime.errors import PromptTooLongError, QueueFullError
 
 log = logging.getLogger("qvl.serve")
 

@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from qvl.runtime.fetch import FetchPolicy, download, is_url
-from qvl.runtime.inputs import SPATIAL_MERGE_SIZE, _describe, fetch_image, smart_resize_vl_utils
+from qvl.runtime.inputs import (IMAGE_SETTINGS, SPATIAL_MERGE_SIZE, _describe, check_item, fetch_image,
+                                smart_resize_vl_utils)
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +290,19 @@ def open_video(path: str, backend: str | None = None):
     """A reader with ``total_frames``, ``fps`` and ``frames(indices)`` (HxWx3 uint8 arrays)."""
     if not Path(path).is_file():
         raise ValueError(f"video file not found: {_describe(path)}")
+    if _is_still_image(path):
+        raise ValueError(f"{_describe(path)} is a still image, not a video: send it as an image item "
+                         "({'type': 'image', 'image': ...}) or as a list of frames")
     return _READERS[backend or reader_backend()](path)
+
+
+def _is_still_image(path: str) -> bool:
+    """True for a file PIL reads as a single-frame picture (a PNG or JPEG named as a video)."""
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) == 1
+    except Exception:  # noqa: BLE001 - not a picture PIL knows: leave it to the video readers
+        return False
 
 
 @contextlib.contextmanager
@@ -315,9 +329,11 @@ def _frame_list(source) -> list:
                              f"{source.dtype} {tuple(source.shape)}")
         source = source.permute(0, 2, 3, 1).numpy()  # TCHW, the layout torchvision and qwen-vl-utils use
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (3, 4) or (source.ndim == 4 and source.shape[3] not in (3, 4)):
-            raise ValueError(f"video arrays must be uint8 [T, H, W] or [T, H, W, C] (C = 3 or 4), got "
-                             f"{_describe(source)}")
+        if source.ndim == 3 and source.shape[2] in (3, 4):
+            raise ValueError(f"video arrays must be uint8 [T, H, W, 3]; {_describe(source)} looks like one "
+                             "[H, W, C] image: send it as an image item, or add a frame axis")
+        if source.dtype != np.uint8 or source.ndim != 4 or source.shape[3] not in (3, 4):
+            raise ValueError(f"video arrays must be uint8 [T, H, W, 3] (or 4 channels), got {_describe(source)}")
         return list(source)
     return list(source)
 
@@ -336,6 +352,7 @@ def fetch_video(item: dict, image_patch_size: int = 14, policy: FetchPolicy | No
     """
     if not isinstance(item, dict) or "video" not in item:
         raise ValueError(f"video item needs a 'video' key, got {_describe(item)}")
+    check_item("video", item, "video item")
     factor = image_patch_size * SPATIAL_MERGE_SIZE
     source = item["video"]
     if isinstance(source, (str, Path)):
@@ -346,13 +363,16 @@ def fetch_video(item: dict, image_patch_size: int = 14, policy: FetchPolicy | No
             logger.info("%s: %s, %d of %d frames at %.3g fps", reader.name, _describe(source), len(indices),
                         reader.total_frames, reader.fps)
             return Video(frames, sample_fps, indices, reader.total_frames, reader.fps, reader.name)
+    if isinstance(source, Image.Image):
+        raise ValueError("a video item holds one PIL image: send a still picture as an image item "
+                         "({'type': 'image', 'image': ...}), or a list of frames")
     if not isinstance(source, (list, tuple, np.ndarray, torch.Tensor)):
         raise ValueError(f"unsupported video source type {type(source).__name__}: {_describe(source)}; expected "
                          "a path, file:// or http(s) URL, a list of frames or a uint8 frames array")
     frames = _frame_list(source)
     if not frames:
         raise ValueError("a video given as frames needs at least one frame")
-    info = {k: v for k, v in item.items() if k not in ("type", "video")}
+    info = {k: v for k, v in item.items() if k in IMAGE_SETTINGS}  # what fetch_image reads of the item
     images = [fetch_image({"image": f, **info}, factor, policy) for f in frames]
     nframes = _ceil(len(images), FRAME_FACTOR)
     images += [images[-1]] * (nframes - len(images))
