@@ -39,6 +39,10 @@ class EngineCore:
     def wake(self) -> None:
         self.scheduler.wake()
 
+    @property
+    def running(self) -> bool:
+        return not self._stopping
+
     def stop(self) -> None:
         self._stopping = True
         self.scheduler.wake()

@@ -79,6 +79,11 @@ class Engine:
         log.info("qvl engine ready in %.2fs (max_seq_len=%d, max_batch=%d)", self.load_s, opts.max_seq_len,
                  opts.max_batch)
 
+    def state(self) -> dict:
+        """What a health check or metrics endpoint reports: ``running``, ``queue_depth``,
+        ``slots_in_use``, ``slots_total``."""
+        return {"running": self._core.running, **self._core.scheduler.state()}
+
     def close(self) -> None:
         """Stop the engine loop; running requests end with an error."""
         self._core.stop()
@@ -94,21 +99,26 @@ class Engine:
         ``.cancel()``, ``.stats``). Messages are read, fetched and preprocessed here, in the
         caller's thread, so a bad input raises here and never reaches the loop. ``stop``: strings
         that end the answer (not included in its text). Raises ``QueueFullError`` when every slot
-        is busy and ``max_queue`` requests wait."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        is busy and ``max_queue`` requests wait, before any input is read. ``max_new_tokens=None``:
+        as many as the KV cache has room for after the prompt."""
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
+                                           or not isinstance(max_new_tokens, numbers.Integral)):
             raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stop = (stop,) if isinstance(stop, str) else () if stop is None else stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
             raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        self._core.scheduler.check_room()  # a busy engine refuses before fetching and decoding pictures
         req = self._request(messages, add_vision_id)
         max_seq = self.model.max_seq
         if len(req.ids) >= max_seq:
             raise PromptTooLongError(f"prompt of {len(req.ids)} tokens does not fit the KV cache (max_seq_len="
                                      f"{max_seq}); load with a larger max_seq_len or shrink the images (max_pixels)")
-        if len(req.ids) + max_new_tokens > max_seq:
+        if max_new_tokens is None:
+            max_new_tokens = max_seq - len(req.ids)
+        elif len(req.ids) + max_new_tokens > max_seq:
             log.warning("max_new_tokens=%d cut to %d to fit max_seq_len=%d", max_new_tokens, max_seq - len(req.ids),
                         max_seq)
             max_new_tokens = max_seq - len(req.ids)

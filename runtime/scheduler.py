@@ -30,11 +30,15 @@ class Scheduler:
         self._cond = threading.Condition()
         self._woken = False
 
+    def check_room(self) -> None:
+        """Raise ``QueueFullError`` when one more request would be refused (lock held or not)."""
+        if len(self.waiting) - self.slots.count(None) >= self.max_queue:  # beyond what free slots take
+            raise QueueFullError(f"{len(self.slots)} slots busy and {len(self.waiting)} requests waiting "
+                                 f"(max_queue={self.max_queue}); retry later")
+
     def add(self, seq: Sequence) -> None:
         with self._cond:
-            if len(self.waiting) - self.slots.count(None) >= self.max_queue:  # beyond what free slots take
-                raise QueueFullError(f"{len(self.slots)} slots busy and {len(self.waiting)} requests waiting "
-                                     f"(max_queue={self.max_queue}); retry later")
+            self.check_room()
             self.waiting.append(seq)
             self._woken = True
             self._cond.notify()
@@ -89,6 +93,12 @@ class Scheduler:
 
     def lengths(self) -> list[int]:
         return [0 if s is None else s.length for s in self.slots]
+
+    def state(self) -> dict:
+        """Queue depth and slot use, read together."""
+        with self._cond:
+            busy = sum(s is not None for s in self.slots)
+            return {"queue_depth": len(self.waiting), "slots_in_use": busy, "slots_total": len(self.slots)}
 
     def live(self) -> list[Sequence]:
         with self._cond:

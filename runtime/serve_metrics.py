@@ -1,7 +1,7 @@
 """The server's counters and their Prometheus text exposition (format 0.0.4), without a client library.
 
 Safe from any thread: the event loop records outcomes, the request threads record tokens.
-Queue depth and slots in use are read from the engine's scheduler at scrape time.
+Queue depth and slots in use are read from the engine (``Engine.state()``) at scrape time.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ class Metrics:
             n = sum(c for s, c in self._per_second if now - RATE_WINDOW_S <= s < now)
         return n / RATE_WINDOW_S
 
-    def render(self, scheduler=None) -> str:
-        waiting = len(scheduler.waiting) if scheduler is not None else 0
-        slots = list(scheduler.slots) if scheduler is not None else []
+    def render(self, engine_state: dict | None = None) -> str:
+        """``engine_state``: ``Engine.state()`` (queue depth and slot use)."""
+        es = engine_state or {}
+        waiting, busy, total = es.get("queue_depth", 0), es.get("slots_in_use", 0), es.get("slots_total", 0)
         rate = self.tokens_per_s()
         with self._lock:
             lines = ["# HELP qvl_requests_total Chat completion requests by outcome.",
@@ -100,9 +101,9 @@ class Metrics:
                       "# HELP qvl_queue_depth Requests waiting for a KV-cache slot.",
                       "# TYPE qvl_queue_depth gauge", f"qvl_queue_depth {waiting}",
                       "# HELP qvl_slots_in_use KV-cache slots holding a request.",
-                      "# TYPE qvl_slots_in_use gauge", f"qvl_slots_in_use {sum(s is not None for s in slots)}",
+                      "# TYPE qvl_slots_in_use gauge", f"qvl_slots_in_use {busy}",
                       "# HELP qvl_slots_total KV-cache slots (max_batch).",
-                      "# TYPE qvl_slots_total gauge", f"qvl_slots_total {len(slots)}",
+                      "# TYPE qvl_slots_total gauge", f"qvl_slots_total {total}",
                       "# HELP qvl_prompt_tokens_total Prompt tokens of finished requests.",
                       "# TYPE qvl_prompt_tokens_total counter", f"qvl_prompt_tokens_total {self.prompt_tokens}",
                       "# HELP qvl_generation_tokens_total Generated tokens.",

@@ -231,15 +231,13 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        core = getattr(engine, "_core", None)
-        if core is not None and getattr(core, "_stopping", False):
+        if not engine.state()["running"]:
             return JSONResponse({"status": "stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        core = getattr(engine, "_core", None)
-        text = state.metrics.render(getattr(core, "scheduler", None))
+        text = state.metrics.render(engine.state())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

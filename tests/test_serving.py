@@ -287,6 +287,11 @@ def test_the_queue_bound_holds(tiny_ckpt, convs):
     handles = [eng.submit(convs["text_short"], max_new_tokens=3, ignore_eos=True) for _ in range(3)]
     with pytest.raises(qvl.QueueFullError, match="max_queue=2"):
         eng.submit(convs["text_short"], max_new_tokens=3)
+    # refused before its pictures are read: a file that does not exist is never looked at
+    with pytest.raises(qvl.QueueFullError):
+        eng.submit([{"role": "user", "content": [{"type": "image", "image": "/nonexistent/x.png"}]}])
+    state = eng.state()  # the loop may not have admitted the first one yet
+    assert state["running"] and state["slots_total"] == 1 and state["queue_depth"] + state["slots_in_use"] == 3
     gate.set()
     assert all(len(h.result()) == 3 for h in handles)
     # a list longer than slots + queue waits for its own answers instead of failing
@@ -348,3 +353,12 @@ def test_a_request_cancelled_while_waiting_never_runs(tiny_ckpt, convs, alone):
     assert all(h.finish_reason == "cancelled" for h in waiting)
     assert started == [first.id, last.id]
     assert _free(eng)
+
+
+def test_max_new_tokens_none_fills_the_cache(tiny_ckpt, convs):
+    eng = qvl.load(tiny_ckpt, max_seq_len=64)
+    prompt = len(eng._request(convs["text_short"], False).ids)
+    h = eng.submit(convs["text_short"], max_new_tokens=None, ignore_eos=True)
+    assert len(h.result()) == 64 - prompt and h.finish_reason == "length"
+    eng.close()
+    assert eng.state()["running"] is False
