@@ -3,7 +3,7 @@
 Each is built once from a :class:`QuantizedWeight` and keeps only its packed form, in the
 layout of the fastest path for its device and activation dtype:
 
-* ``qvl``: qvl's own CPU kernel (:mod:`qvl.quant.cpu`, AVX-512): a GEMV over the packed codes
+* ``qvl``: qvl's own CPU kernel (:mod:`qvl.quant.cpu`, AVX-512 or AVX2): a GEMV over the packed codes
   for up to ``GEMV_MAX_M`` rows of x, fp32 or bf16 activations, and for more rows (prefill) a
   dequantization to the activation dtype feeding torch's dense GEMM. The CPU default where it
   builds. Act-order checkpoints are permuted once, as for int4pack.

@@ -23,7 +23,7 @@ class LoadOptions:
     ``vision_backend``: "torch", or "onnx" to run the vision tower from ``path/vision.onnx`` in
     onnxruntime (see ``qvl export onnx``); its torch weights are then not loaded.
     ``quant_kernel`` (quantized checkpoints): "auto" (fastest that runs here), "qvl" (qvl's
-    AVX-512 CPU kernel), "int4pack" (torch's int4 kernel) or "dequant"; a named kernel that
+    AVX-512 or AVX2 CPU kernel), "int4pack" (torch's int4 kernel) or "dequant"; a named kernel that
     cannot run a layer is an error.
     ``decode_kv``: "full" (fixed shapes, the whole cache under a mask) or "live" (the longest live
     prefix); default "full" where the step is a CUDA graph, else "live".
