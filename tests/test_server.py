@@ -96,6 +96,9 @@ def media(tmp_path_factory):
     (allowed / "a.png").write_bytes(_png(56, 84, 1))
     (root / "outside.png").write_bytes(_png(28, 28, 2))
     (allowed / "link.png").symlink_to(root / "outside.png")
+    from qvl.scripts.sample_videos import moving_squares, write_video
+
+    write_video(allowed / "clip.mp4", moving_squares(8, 56, 56), fps=4)
     return allowed
 
 
@@ -160,6 +163,17 @@ def test_greedy_answers_equal_generate(servers, engine, media):
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
         assert r.usage.prompt_tokens_details.cached_tokens == 0
         assert r.choices[0].finish_reason == ("length" if len(ids) == N_NEW else "stop")
+
+
+def test_a_video_url_answers_as_generate(servers, engine, media):
+    path = str(media / "clip.mp4")
+    oa = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "file://" + path}},
+                                       {"type": "text", "text": "What moves?"}]}]
+    conv = [{"role": "user", "content": [{"type": "video", "video": path}, {"type": "text", "text": "What moves?"}]}]
+    r = servers[0].client().chat.completions.create(model=NAME, messages=oa, max_tokens=N_NEW, temperature=0)
+    ids = engine.generate_ids(conv, max_new_tokens=N_NEW)
+    assert r.choices[0].message.content == engine.tokenizer.decode(ids)
+    assert r.usage.prompt_tokens == engine.last_stats.prompt_tokens
 
 
 def test_streamed_text_equals_non_streamed(servers, media):
