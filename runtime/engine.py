@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from qvl.runtime.core import EngineCore
+from qvl.runtime.errors import PromptTooLongError, QueueFullError
 from qvl.runtime.fetch import FetchPolicy
 from qvl.runtime.inputs import InputLimits
 from qvl.runtime.loader import load_model, read_config
@@ -24,7 +25,6 @@ from qvl.runtime.prompt import Request, build_request
 from qvl.runtime.runner import ModelRunner
 from qvl.runtime.sampler import SamplingParams
 from qvl.runtime.scheduler import Scheduler
-from qvl.runtime.errors import PromptTooLongError, QueueFullError
 from qvl.runtime.sequence import Handle, Sequence, Stats
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
@@ -113,9 +113,7 @@ class Engine:
         self._core.scheduler.check_room()  # a busy engine refuses before fetching and decoding pictures
         req = self._request(messages, add_vision_id)
         max_seq = self.model.max_seq
-        if len(req.ids) >= max_seq:
-            raise PromptTooLongError(f"prompt of {len(req.ids)} tokens does not fit the KV cache (max_seq_len="
-                                     f"{max_seq}); load with a larger max_seq_len or shrink the images (max_pixels)")
+        self._check_fits(len(req.ids) + 1, "prompt", len(req.ids))  # room for the first new token
         if max_new_tokens is None:
             max_new_tokens = max_seq - len(req.ids)
         elif len(req.ids) + max_new_tokens > max_seq:
@@ -124,6 +122,14 @@ class Engine:
             max_new_tokens = max_seq - len(req.ids)
         seq = Sequence(req, sampling, max_new_tokens, frozenset(self.stop_ids), tuple(stop), ignore_eos)
         return self._submit(seq)
+
+    def _check_fits(self, need: int, what: str, tokens: int | None = None) -> None:
+        """``PromptTooLongError`` when ``need`` positions exceed the KV cache (``tokens``: the count
+        to name, when it is not ``need``)."""
+        if need > self.model.max_seq:
+            raise PromptTooLongError(f"{what} of {need if tokens is None else tokens} tokens does not fit the KV "
+                                     f"cache (max_seq_len={self.model.max_seq}); load with a larger max_seq_len "
+                                     "or shrink the images (max_pixels)")
 
     def _submit(self, seq: Sequence) -> Handle:
         self._core.submit(seq)
@@ -195,9 +201,7 @@ class Engine:
         if not answer_ids:
             raise ValueError("score() needs at least one answer token")
         req = self._request(messages, add_vision_id)
-        if len(req.ids) + len(answer_ids) > self.model.max_seq:
-            raise PromptTooLongError(f"prompt + answer of {len(req.ids) + len(answer_ids)} tokens does not fit "
-                                     f"the KV cache (max_seq_len={self.model.max_seq})")
+        self._check_fits(len(req.ids) + len(answer_ids), "prompt + answer")
         seq = Sequence(req, SamplingParams(), len(answer_ids), frozenset(), ignore_eos=True, forced=answer_ids)
         self._submit(seq).result()
         return torch.stack(seq.rows)
@@ -214,9 +218,7 @@ class Engine:
             raise ValueError("text_logprobs() takes one conversation (a list of message dicts)")
         req = self._request(messages, add_vision_id)
         req.ids = list(req.ids) + [int(i) for i in answer_ids]
-        if len(req.ids) > self.model.max_seq:
-            raise PromptTooLongError(f"prompt + answer of {len(req.ids)} tokens does not fit the KV cache "
-                                     f"(max_seq_len={self.model.max_seq})")
+        self._check_fits(len(req.ids), "prompt + answer")
         seq = Sequence(req, SamplingParams(), 1, frozenset(), prompt_logprobs=True)
         self._submit(seq).result()
         targets = seq.targets or [torch.zeros(0, dtype=torch.int64)]

@@ -135,9 +135,8 @@ class ModelRunner:
         pos = torch.zeros(bsz, dtype=torch.int64)
         write = torch.tensor(lengths[:bsz], dtype=torch.int64)
         live_rows = torch.zeros(bsz, dtype=torch.bool)
-        for s in live:
+        for s in live:  # a live row writes at its length, as ``lengths`` already says
             tokens[s.slot], pos[s.slot], live_rows[s.slot] = s.last, s.length + s.delta, True
-            write[s.slot] = s.length
         write = write.clamp(max=self.model.max_seq - 1)
         kv = self.model.max_seq if self.decode_kv == "full" else int(write[live_rows].max()) + 1
         keys = torch.arange(kv)[None, :]
