@@ -6,7 +6,8 @@ Prefill goes one work item at a time to the oldest request still prefilling; eve
 request then takes one step together. Requests beyond the free slots wait in a queue bounded by
 ``max_queue``: one more is refused at once with ``QueueFullError``.
 
-``add`` and ``wake`` may be called from any thread; everything else runs on the engine loop.
+``add``, ``check_room``, ``wake`` and ``state`` may be called from any thread; everything else runs on
+the engine loop.
 """
 
 from __future__ import annotations
