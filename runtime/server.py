@@ -155,6 +155,17 @@ class _Exchange:
         self.run.cancel()
         raise _ClientGone() if self.gone in done else _Timeout()
 
+    async def settle(self, within: float = 5.0) -> None:
+        """Cancel the request and wait, bounded, until it has left the engine: the slot is free
+        by the time the answer that follows reaches the client, so a retry finds room."""
+        self.run.cancel()
+        try:
+            async with asyncio.timeout(within):
+                while (await self.run.queue.get())[0] not in ("done", "error"):
+                    pass
+        except TimeoutError:
+            log.warning("a stopped request still held its slot after %gs", within)
+
     def end(self, outcome: str) -> None:
         if self.ended:
             return
@@ -279,6 +290,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         try:
             first = await x.next()
         except _Timeout:
+            await x.settle()
             x.end("timeout")
             return _error(ApiError(504, "the request timed out before it started", None, "request_timeout",
                                    "timeout_error"))
@@ -311,6 +323,7 @@ async def _complete(x: _Exchange, cid: str, created: int, model: str):
                 x.end("error")
                 return _error(_run_error(value))
     except _Timeout:
+        await x.settle()
         x.end("timeout")
         return _error(ApiError(504, f"the request ran past the server's {x.state.settings.request_timeout_s:g}s "
                                "limit and was stopped", None, "request_timeout", "timeout_error"))
@@ -358,6 +371,7 @@ async def _stream(x: _Exchange, req: ChatRequest, cid: str, created: int, model:
                 x.end("error")
                 return
     except _Timeout:
+        await x.settle()
         limit = x.state.settings.request_timeout_s
         yield _sse(ApiError(504, f"the request ran past the server's {limit:g}s limit and was stopped", None,
                             "request_timeout", "timeout_error").body())
