@@ -28,6 +28,12 @@
  * bf16 activations are widened to fp32 first, and fp16 scales are decoded in software since
  * -mavx2 does not imply F16C).
  * qvl_isa() says which path is in: 512, 256 or 0 (none: every entry point returns -1).
+ *
+ * Several rows of x (batched decode): one row's work is bound by the arithmetic, not by reading
+ * the weights, so the AVX-512 path takes up to MT_MAX rows per pass over a block, widening each
+ * code vector to fp32 once for all of them (q4_tile, q8_tile); a row's result there is the same
+ * whichever rows share its pass. One row keeps the row kernels (vdpbf16ps for bf16 x, the
+ * fastest single stream), so a row can differ from its batched result in the last fp32 bits.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -171,19 +177,26 @@ static inline void rows_init(RowSums *acc) {
     }
 }
 
-/* Close group g: y += s * (sum q * x) - s * (z + zoff) * sum x, zoff the codes' offset. */
-static inline void rows_close_group(RowSums *acc, const vf *a0, const vf *a1, const uint16_t *sc,
-                                    const uint8_t *zr, int g, float xsum, float zoff) {
-    for (int r = 0; r < ROWS; r++) {
-        const size_t i = (size_t)g * ROWS + r;
-        const float s = half_to_f32(sc[i]);
-        acc->tot[r] = vf_fmadd(vf_set1(s), vf_add(a0[r], a1[r]), acc->tot[r]);
-        acc->zt[r] += s * (zoff + (float)zr[i]) * xsum;
-    }
+/* Close group g: y += s * (sum q * x); sf: the group's ROWS scales as fp32. */
+static inline void rows_close_group(RowSums *acc, const vf *a0, const vf *a1, const float *sf) {
+    for (int r = 0; r < ROWS; r++) acc->tot[r] = vf_fmadd(vf_set1(sf[r]), vf_add(a0[r], a1[r]), acc->tot[r]);
 }
 
-static inline void rows_finish(const RowSums *acc, float *out) {
+/* y -= sum_g s * (z + zoff) * sum x over g, zoff the codes' offset; sf, zr: [G, ROWS]. Kept out of
+ * the group loop, where its scalar chain per row would cost as much as the products. */
+static inline void rows_finish(RowSums *acc, const float *sf, const uint8_t *zr, const float *xsm, int G,
+                               float zoff, float *out) {
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < ROWS; r++) {
+            const size_t i = (size_t)g * ROWS + r;
+            acc->zt[r] += sf[i] * (zoff + (float)zr[i]) * xsm[g];
+        }
     for (int r = 0; r < ROWS; r++) out[r] = vf_sum(acc->tot[r]) - acc->zt[r];
+}
+
+/* A block's fp16 scales [G, ROWS] as fp32, converted once for every row of x. */
+static inline void block_scales(const uint16_t *sc, int G, float *sf) {
+    for (int i = 0; i < G * ROWS; i++) sf[i] = half_to_f32(sc[i]);
 }
 
 #endif /* QVL_SIMD */
@@ -196,7 +209,7 @@ static inline __m512 u8x16_to_ps(__m128i b) { return _mm512_cvtepi32_ps(_mm512_c
 /* bf16 activations: the codes become bf16 numbers 128 + q with one OR (0x4300 is bf16 128.0,
  * whose 7 mantissa bits then hold q exactly), and vdpbf16ps multiplies 32 of them with x in one
  * instruction, products exact in fp32; the zero term subtracts the 128 back. */
-static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
+static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint8_t *w, const float *sf,
                                 const uint8_t *zr, int G, int group, float *out) {
     const __m512i magic = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(0x000f);
     RowSums acc;
@@ -217,14 +230,14 @@ static inline void q4_rows_bf16(const uint16_t *xm, const float *xsm, const uint
                 a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)hi, xhi);
             }
         }
-        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 128.f);
+        rows_close_group(&acc, a0, a1, sf + (size_t)g * ROWS);
     }
-    rows_finish(&acc, out);
+    rows_finish(&acc, sf, zr, xsm, G, 128.f, out);
 }
 #endif
 
 /* fp32 activations (or no AVX512-BF16): codes widened to fp32, FMA with x. */
-static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
+static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, const float *sf,
                            const uint8_t *zr, int G, int group, float *out) {
     const __m128i low = _mm_set1_epi8(0x0f);
     RowSums acc;
@@ -244,12 +257,82 @@ static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, 
                 }
             }
         }
-        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
+        rows_close_group(&acc, a0, a1, sf + (size_t)g * ROWS);
     }
-    rows_finish(&acc, out);
+    rows_finish(&acc, sf, zr, xsm, G, 0.f, out);
 }
 
-static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
+/* int4 for up to MT_MAX rows of x at once (fp32 x): each code vector is widened to fp32 once and
+ * feeds every row; one FMA chain per (row of x, row of W), the same sequence whatever MT is, so a
+ * row's result does not depend on how many rows share the call. */
+#define MT_MAX 4
+static inline __attribute__((always_inline)) void q4_tile(const float *xs, const float *xsum, int K, int MT,
+                                                          const uint8_t *w, const float *sf, const uint8_t *zr,
+                                                          int G, int group, float out[][ROWS]) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    RowSums acc[MT_MAX];
+    for (int m = 0; m < MT; m++) rows_init(&acc[m]);
+    for (int g = 0; g < G; g++) {
+        __m512 a[MT_MAX][ROWS];
+        for (int m = 0; m < MT; m++)
+            for (int r = 0; r < ROWS; r++) a[m][r] = _mm512_setzero_ps();
+        for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+            const uint8_t *blk = w + (size_t)(k0 / 64) * ROWS * CHUNK;
+            prefetch_block(blk);
+            for (int h = 0; h < 32; h += 16) {
+                __m512 xlo[MT_MAX], xhi[MT_MAX];
+                for (int m = 0; m < MT; m++) {
+                    xlo[m] = _mm512_loadu_ps(xs + (size_t)m * K + k0 + h);
+                    xhi[m] = _mm512_loadu_ps(xs + (size_t)m * K + k0 + 32 + h);
+                }
+                for (int r = 0; r < ROWS; r++) {
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(blk + r * CHUNK + h));
+                    const __m512 wlo = u8x16_to_ps(_mm_and_si128(b, low));
+                    const __m512 whi = u8x16_to_ps(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+                    for (int m = 0; m < MT; m++) {
+                        a[m][r] = _mm512_fmadd_ps(wlo, xlo[m], a[m][r]);
+                        a[m][r] = _mm512_fmadd_ps(whi, xhi[m], a[m][r]);
+                    }
+                }
+            }
+        }
+        for (int m = 0; m < MT; m++)
+            for (int r = 0; r < ROWS; r++)
+                acc[m].tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(sf[(size_t)g * ROWS + r]), a[m][r], acc[m].tot[r]);
+    }
+    for (int m = 0; m < MT; m++) rows_finish(&acc[m], sf, zr, xsum + (size_t)m * G, G, 0.f, out[m]);
+}
+
+/* int8 the same way: a 32-byte chunk holds 32 columns. */
+static inline __attribute__((always_inline)) void q8_tile(const float *xs, const float *xsum, int K, int MT,
+                                                          const uint8_t *w, const float *sf, const uint8_t *zr,
+                                                          int G, int group, float out[][ROWS]) {
+    RowSums acc[MT_MAX];
+    for (int m = 0; m < MT; m++) rows_init(&acc[m]);
+    for (int g = 0; g < G; g++) {
+        __m512 a[MT_MAX][ROWS];
+        for (int m = 0; m < MT; m++)
+            for (int r = 0; r < ROWS; r++) a[m][r] = _mm512_setzero_ps();
+        for (int k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
+            const uint8_t *blk = w + (size_t)(k0 / 32) * ROWS * CHUNK;
+            prefetch_block(blk);
+            for (int h = 0; h < 32; h += 16) {
+                __m512 xv[MT_MAX];
+                for (int m = 0; m < MT; m++) xv[m] = _mm512_loadu_ps(xs + (size_t)m * K + k0 + h);
+                for (int r = 0; r < ROWS; r++) {
+                    const __m512 wv = u8x16_to_ps(_mm_loadu_si128((const __m128i *)(blk + r * CHUNK + h)));
+                    for (int m = 0; m < MT; m++) a[m][r] = _mm512_fmadd_ps(wv, xv[m], a[m][r]);
+                }
+            }
+        }
+        for (int m = 0; m < MT; m++)
+            for (int r = 0; r < ROWS; r++)
+                acc[m].tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(sf[(size_t)g * ROWS + r]), a[m][r], acc[m].tot[r]);
+    }
+    for (int m = 0; m < MT; m++) rows_finish(&acc[m], sf, zr, xsum + (size_t)m * G, G, 0.f, out[m]);
+}
+
+static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, const float *sf,
                            const uint8_t *zr, int G, int group, float *out) {
     RowSums acc;
     rows_init(&acc);
@@ -266,9 +349,9 @@ static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, 
                 a1[r] = _mm512_fmadd_ps(u8x16_to_ps(_mm_loadu_si128((const __m128i *)(p + 16))), x1, a1[r]);
             }
         }
-        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
+        rows_close_group(&acc, a0, a1, sf + (size_t)g * ROWS);
     }
-    rows_finish(&acc, out);
+    rows_finish(&acc, sf, zr, xsm, G, 0.f, out);
 }
 
 /* One row's chunk of codes (64 columns for int4, 32 for int8) -> s * (q - z) at dst[o...]. */
@@ -314,7 +397,7 @@ static inline __m256i u8x8_to_epi32(const uint8_t *p) {
 
 /* int4, fp32 activations (bf16 ones are widened by prepare_x): each 8-byte load holds columns
  * h..h+7 in its low nibbles and h+32..h+39 in its high ones. */
-static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
+static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, const float *sf,
                            const uint8_t *zr, int G, int group, float *out) {
     const __m256i low = _mm256_set1_epi32(0x0f);
     RowSums acc;
@@ -334,12 +417,12 @@ static inline void q4_rows(const float *xm, const float *xsm, const uint8_t *w, 
                 }
             }
         }
-        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
+        rows_close_group(&acc, a0, a1, sf + (size_t)g * ROWS);
     }
-    rows_finish(&acc, out);
+    rows_finish(&acc, sf, zr, xsm, G, 0.f, out);
 }
 
-static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, const uint16_t *sc,
+static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, const float *sf,
                            const uint8_t *zr, int G, int group, float *out) {
     RowSums acc;
     rows_init(&acc);
@@ -358,9 +441,9 @@ static inline void q8_rows(const float *xm, const float *xsm, const uint8_t *w, 
                 }
             }
         }
-        rows_close_group(&acc, a0, a1, sc, zr, g, xsm[g], 0.f);
+        rows_close_group(&acc, a0, a1, sf + (size_t)g * ROWS);
     }
-    rows_finish(&acc, out);
+    rows_finish(&acc, sf, zr, xsm, G, 0.f, out);
 }
 
 /* fp32 -> bf16 bits, round to nearest even (weights are finite), 16 values from two vectors. */
@@ -415,30 +498,65 @@ int qvl_qgemm(int bits, const void *x, int x_bf16, int M, int K, const uint8_t *
     float *xs = prepare_x(x, x_bf16, M, K, group, &xsum);
     if (!xs) return -2;
     const int blocks = N / ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        const int n0 = b * ROWS;
-        const uint8_t *wb = w + (size_t)b * ROWS * K * bits / 8;
-        const uint16_t *sb = scales + (size_t)b * G * ROWS;
-        const uint8_t *zb = zeros + (size_t)b * G * ROWS;
-        float out[ROWS];
-        for (int m = 0; m < M; m++) {
-#ifdef __AVX512BF16__
-            if (bits == 4 && x_bf16)
-                q4_rows_bf16((const uint16_t *)x + (size_t)m * K, xsum + (size_t)m * G, wb, sb, zb, G, group, out);
-            else
-#endif
-            if (bits == 4)
-                q4_rows(xs + (size_t)m * K, xsum + (size_t)m * G, wb, sb, zb, G, group, out);
-            else
-                q8_rows(xs + (size_t)m * K, xsum + (size_t)m * G, wb, sb, zb, G, group, out);
-            for (int r = 0; r < ROWS; r++)
-                store(y, y_bf16, (size_t)m * N + n0 + r, out[r] + (bias ? bias[n0 + r] : 0.f));
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *sf = (float *)malloc(sizeof(float) * (size_t)G * ROWS);
+        if (!sf) {
+#pragma omp atomic write
+            failed = 1;
         }
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            if (!sf) continue;
+            const int n0 = b * ROWS;
+            const uint8_t *wb = w + (size_t)b * ROWS * K * bits / 8;
+            const uint8_t *zb = zeros + (size_t)b * G * ROWS;
+            float out[ROWS];
+            block_scales(scales + (size_t)b * G * ROWS, G, sf);
+#ifdef QVL_AVX512
+            if (M > 1) {  /* several rows (batched decode): share each widened code vector */
+                float tile[MT_MAX][ROWS];
+                for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+                    const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+                    const float *xm = xs + (size_t)m0 * K, *xsm = xsum + (size_t)m0 * G;
+                    if (bits == 4) switch (mt) {
+                    case 4: q4_tile(xm, xsm, K, 4, wb, sf, zb, G, group, tile); break;
+                    case 3: q4_tile(xm, xsm, K, 3, wb, sf, zb, G, group, tile); break;
+                    case 2: q4_tile(xm, xsm, K, 2, wb, sf, zb, G, group, tile); break;
+                    default: q4_tile(xm, xsm, K, 1, wb, sf, zb, G, group, tile);
+                    } else switch (mt) {
+                    case 4: q8_tile(xm, xsm, K, 4, wb, sf, zb, G, group, tile); break;
+                    case 3: q8_tile(xm, xsm, K, 3, wb, sf, zb, G, group, tile); break;
+                    case 2: q8_tile(xm, xsm, K, 2, wb, sf, zb, G, group, tile); break;
+                    default: q8_tile(xm, xsm, K, 1, wb, sf, zb, G, group, tile);
+                    }
+                    for (int m = 0; m < mt; m++)
+                        for (int r = 0; r < ROWS; r++)
+                            store(y, y_bf16, (size_t)(m0 + m) * N + n0 + r, tile[m][r] + (bias ? bias[n0 + r] : 0.f));
+                }
+                continue;
+            }
+#endif
+            for (int m = 0; m < M; m++) {
+#ifdef __AVX512BF16__
+                if (bits == 4 && x_bf16)
+                    q4_rows_bf16((const uint16_t *)x + (size_t)m * K, xsum + (size_t)m * G, wb, sf, zb, G, group, out);
+                else
+#endif
+                if (bits == 4)
+                    q4_rows(xs + (size_t)m * K, xsum + (size_t)m * G, wb, sf, zb, G, group, out);
+                else
+                    q8_rows(xs + (size_t)m * K, xsum + (size_t)m * G, wb, sf, zb, G, group, out);
+                for (int r = 0; r < ROWS; r++)
+                    store(y, y_bf16, (size_t)m * N + n0 + r, out[r] + (bias ? bias[n0 + r] : 0.f));
+            }
+        }
+        free(sf);
     }
     free(xs);
     free(xsum);
-    return 0;
+    return failed ? -2 : 0;
 #else
     (void)bits; (void)x; (void)x_bf16; (void)M; (void)K; (void)w; (void)scales; (void)zeros; (void)N;
     (void)group; (void)bias; (void)y; (void)y_bf16; (void)threads;

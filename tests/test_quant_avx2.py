@@ -10,7 +10,7 @@ Tolerances, against x @ W.T (+ bias) in float64, W = s * (q - z) the dequantized
 * bf16 x: |err| <= 2**-8 |y| + 1e-5 max|y|: products are exact in fp32 (both variants), sums in
   fp32, then the output rounds once to bf16 (2**-9 relative).
 * dequantize: bit-exact (fp32 W is (q - z) * s rounded once; bf16 W is that rounded once).
-Covered: 4 and 8 bits, fp32 and bf16 x, M = 1..8 and 40 rows (GEMV) and the prefill path
+Covered: 4 and 8 bits, fp32 and bf16 x, M = 1..8 and 40 rows (GEMV; a row equal in every batch of 2..8) and the prefill path
 (dequantize + torch GEMM), one-block and several-block shapes, groups of one chunk, several
 chunks and the whole row, extreme codes and zero points, a subnormal fp16 scale, with and
 without bias; shapes the layout cannot hold are refused with -1 by both entry points.
@@ -97,6 +97,19 @@ def test_variant_equals_dequantized_matmul(variant, bits, dtype):
         got = F.linear(x, d, None if bias is None else bias.to(dtype))
         tol = 1e-5 if dtype == torch.float32 else 2**-6  # torch's GEMM on the dequantized weight
         assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_answers_the_same_in_any_batch_of_several(variant, bits):
+    """Batched decode: a row of x gets the same fp32 result whichever other rows (two or more in
+    all) share the call, so a request's tokens do not depend on its neighbours' number."""
+    _, lib = variant
+    n, k, group = 64, 512, 128
+    wp, s, z, _, _ = _weight(n, k, group, bits, seed=3)
+    x = torch.randn(cpu.GEMV_MAX_M, k, generator=torch.Generator().manual_seed(9))
+    full = cpu.qgemm(x, wp, s, z, bits, group, lib=lib)
+    for lo, hi in [(0, 2), (1, 4), (3, 7), (2, 8), (5, 8)]:
+        assert torch.equal(cpu.qgemm(x[lo:hi].contiguous(), wp, s, z, bits, group, lib=lib), full[lo:hi]), (lo, hi)
 
 
 def test_variant_refuses_shapes_it_cannot_hold(variant):
