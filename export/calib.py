@@ -73,6 +73,8 @@ def _from_jsonl(f: Path) -> list[list[dict]]:
 
 def load_samples(spec: str | None, n: int) -> tuple[list[list[dict]], dict]:
     """(conversations, description for the manifest). ``spec``: None, a directory or a .jsonl."""
+    if n < 1:
+        raise ValueError(f"calibration samples: {n}; at least 1 chat is needed")
     if spec is None:
         samples = default_samples(n)
         return samples, {"source": "synthetic", "seed": CALIB_SEED, "samples": len(samples)}

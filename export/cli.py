@@ -80,7 +80,7 @@ def _quant_common(p) -> None:
     p.add_argument("--rtn", action="store_true", help="round-to-nearest baseline instead of the search")
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1)")
     p.add_argument("--onnx-vision", action="store_true", help="also export vision.onnx into the artifact")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier qvl export")
     p.set_defaults(func=_run_quantized)
 
 

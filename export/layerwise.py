@@ -50,7 +50,14 @@ class QuantSpec:
         if self.fmt == "awq" and (self.bits != 4 or self.sym):
             raise ValueError("the AWQ gemm format holds 4-bit weights with zero points (sym=False)")
         if self.fmt == "gptq" and self.bits not in (4, 8):
-            raise ValueError(f"GPTQ bits={self.bits}: 4 or 8")
+            raise ValueError(f"GPTQ bits={self.bits}: qvl writes 4- or 8-bit GPTQ files")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size}: a positive number of columns, or -1 for whole rows")
+        # the bounds AutoGPTQ and transformers' GPTQConfig enforce when they read quantization_config;
+        # at 0 the positive-definiteness retries, which scale the damping, could not raise it
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent={self.damp_percent}: a fraction of the mean Hessian diagonal, "
+                             "strictly between 0 and 1")
         if self.desc_act and self.method != "gptq":
             raise ValueError("desc_act (act-order) is a GPTQ option")
 

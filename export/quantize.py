@@ -13,7 +13,10 @@ Steps (progress logged throughout):
 4. quality report: teacher-forced KL divergence and top-1 agreement of the artifact against the
    source on held-out chats the calibration never saw, through the qvl runtime;
 5. ``qvl-manifest.json`` (source fingerprint, settings, calibration, per-layer errors, quality,
-   file hashes), then one rename to OUT.
+   file hashes), then one rename to OUT; ``overwrite`` replaces only an earlier export (its
+   manifest says so), renamed aside until the new one is in place.
+
+OUT may not be, contain or lie inside SRC; settings are checked before any of this starts.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from qvl.export.calib import load_samples
 from qvl.export.layerwise import LINEARS, LayerInput, LayerwiseModel, QuantSpec, first_layer_inputs, quantize_layer
 from qvl.quant.packing import pack_awq, pack_gptq
 from qvl.quant.weight import QuantizedWeight
-from qvl.runtime.manifest import MANIFEST, checkpoint_fingerprint, file_digest, umask_mode, write_manifest
+from qvl.runtime.manifest import (MANIFEST, checkpoint_fingerprint, file_digest, read_manifest, umask_mode,
+                                  write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +284,64 @@ def quality_report(src: Path, artifact: Path, n: int, max_new_tokens: int = 16, 
             "kl_mean": kl_sum / n_tok, "top1_agreement": agree / n_tok, "same_greedy_answer": exact / len(chats)}
 
 
+# --- where the artifact goes ----------------------------------------------------------------
+
+def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, an OUT whose writing or replacing would touch the
+    source or anything else qvl did not write."""
+    s, o = src.resolve(), out.resolve()
+    if o == s:
+        raise ExportError(f"OUT {out} is the source checkpoint; choose another directory")
+    if s.is_relative_to(o):
+        raise ExportError(f"OUT {out} contains the source checkpoint {src}; choose a directory outside it")
+    if o.is_relative_to(s):
+        raise ExportError(f"OUT {out} lies inside the source checkpoint {src}; choose a directory outside it")
+    work = _work_path(o)
+    if s.is_relative_to(work):  # the work directory is cleared on a fresh start
+        raise ExportError(f"the source checkpoint {src} lies in {work}, the work directory of OUT {out}")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; choose a new directory (or --overwrite)")
+    _check_replaceable(out)
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite deletes only what export_quantized assembled: a directory whose manifest has its
+    section (a manifest alone is no proof: ``qvl export onnx --onnx-only`` writes one into the
+    user's own checkpoint)."""
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is not a directory, so not written by qvl export; --overwrite will not "
+                              "delete it")
+    try:
+        manifest = read_manifest(out)
+    except ValueError:
+        manifest = None
+    if not (isinstance(manifest, dict) and SECTION in manifest):
+        raise FileExistsError(f"{out} was not written by qvl export (no {MANIFEST} with a {SECTION!r} section); "
+                              "--overwrite will not delete it")
+
+
+def _work_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _move_into_place(stage: Path, out: Path, work: WorkDir) -> None:
+    """Rename the finished artifact to OUT. An OUT being replaced is renamed aside first and back
+    if the second rename fails, so a failure leaves the old artifact where it was."""
+    old = work.path / "replaced"
+    if out.exists():
+        _check_replaceable(out)
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        stage.rename(out)
+    except BaseException:
+        if old.exists():
+            old.rename(out)
+        raise
+
+
 # --- the command -----------------------------------------------------------------------------
 
 def export_quantized(src, out, spec: QuantSpec, *, calib: str | None = None, calib_samples: int = 64,
@@ -289,18 +351,20 @@ def export_quantized(src, out, spec: QuantSpec, *, calib: str | None = None, cal
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: not a checkpoint directory (no config.json)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose a new directory (or --overwrite)")
-    if out.resolve() == src.resolve():
-        raise ValueError("OUT must differ from SRC")
+    _check_paths(src, out, overwrite)
+    if max_tokens < 1:
+        raise ExportError(f"max_tokens={max_tokens}: calibration chats need at least 1 token")
+    if quality_samples < 0:
+        raise ExportError(f"quality_samples={quality_samples}: 0 (no quality report) or more")
+    target = out.resolve()  # a symlinked OUT: its target is replaced, the link kept
     lw = LayerwiseModel(src, device)
     _check_shapes(lw, spec)
     samples, calib_info = load_samples(calib, calib_samples)
     fp = checkpoint_fingerprint(src)
     key = {"source": fp, "spec": spec.__dict__, "calibration": calib_info, "max_tokens": max_tokens,
            "qvl_version": qvl.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = WorkDir(out.parent / f".{out.name}.partial", key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = WorkDir(_work_path(target), key)
     log.info("quantizing %s -> %s: %s %d-bit, group %d, %s%s", src, out, spec.method.upper(), spec.bits,
              spec.group_size, "sym" if spec.sym else "asym", ", act-order" if spec.desc_act else "")
     layer_reports = quantize_layers(lw, spec, work, samples, calib_info, max_tokens)
@@ -338,9 +402,11 @@ def export_quantized(src, out, spec: QuantSpec, *, calib: str | None = None, cal
         },
     }
     write_manifest(stage, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    stage.rename(out)
+    # copies keep their source's mode and safetensors writes 0600: give every file the mode a plain
+    # open() would, as the manifest and config.json have
+    for f in stage.iterdir():
+        os.chmod(f, umask_mode(0o666))
+    _move_into_place(stage, target, work)
     shutil.rmtree(work.path, ignore_errors=True)
     log.info("exported %s in %.1fs", out, time.perf_counter() - t0)
     return out
