@@ -65,7 +65,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(path)
         self.processor = ImageProcessor(ImageProcessorConfig.from_dir(path))
         self.video_processor = VideoProcessor(VideoProcessorConfig.from_dir(path))
-        self.fetch_policy = FetchPolicy.from_env(opts.allow_remote)
+        self.fetch_policy = FetchPolicy.from_env(opts.allow_remote, opts.allow_private_addresses)
         self.limits = InputLimits(opts.max_image_pixels, opts.max_decode_pixels, opts.max_vision_tokens)
         self.stop_ids = _stop_ids(path, self.tokenizer)
         cfg = self.model.cfg

@@ -20,6 +20,9 @@ class LoadOptions:
     ``prefill_chunk``: prompt tokens per prefill step, the most a new prompt delays running streams.
     ``allow_remote``: fetch http(s) images/videos named in messages (default: the
     ``QVL_ALLOW_REMOTE`` env var, else off); limits in ``engine.fetch_policy``.
+    ``allow_private_addresses``: with remote fetching on, also fetch from hosts that resolve to
+    loopback, private, link-local (cloud metadata) or other non-public addresses (default: the
+    ``QVL_ALLOW_PRIVATE_ADDRESSES`` env var, else off: every resolved address and redirect is checked).
     ``vision_backend``: "torch", or "onnx" to run the vision tower from ``path/vision.onnx`` in
     onnxruntime (see ``qvl export onnx``); its torch weights are then not loaded.
     ``quant_kernel`` (quantized checkpoints): "auto" (fastest that runs here), "qvl" (qvl's
@@ -40,6 +43,7 @@ class LoadOptions:
     max_queue: int = 64
     prefill_chunk: int = 256
     allow_remote: bool | None = None
+    allow_private_addresses: bool | None = None
     vision_backend: str = "torch"
     quant_kernel: str = "auto"
     decode_kv: str | None = None

@@ -68,7 +68,8 @@ def hf_processor():
 
 @pytest.fixture
 def http_server(tmp_path):
-    """A local HTTP server on 127.0.0.1 serving ``root`` (yielded with the base URL).
+    """A local HTTP server on 127.0.0.1 serving ``root`` (yielded with the base URL); a loopback
+    address, so fetching from it needs ``FetchPolicy(allow_private_addresses=True)``.
 
     Extra paths: ``/slow`` stalls 2 s before answering, ``/redirect-ftp`` redirects off http,
     ``/big`` streams 8 MiB without a Content-Length.

@@ -1,6 +1,7 @@
 """qvl.runtime.inputs: qwen-vl-utils 0.0.14 fetch_image semantics, sources and errors."""
 
 import base64
+import dataclasses
 import io
 import math
 import os
@@ -220,7 +221,7 @@ def test_http_image(http_server, png):
     root, base = http_server
     path, arr = png
     (root / "cat.png").write_bytes(path.read_bytes())
-    on = FetchPolicy(allow_remote=True)
+    on = FetchPolicy(allow_remote=True, allow_private_addresses=True)  # the test server is on loopback
     np.testing.assert_array_equal(np.asarray(load_image(f"{base}/cat.png", on)), arr)
     assert fetch_image({"image": f"{base}/cat.png"}, policy=on).size == (84, 56)
     with pytest.raises(ValueError, match="disabled.*allow_remote=True.*QVL_ALLOW_REMOTE"):
@@ -228,11 +229,11 @@ def test_http_image(http_server, png):
     with pytest.raises(ValueError, match="HTTP 404"):
         load_image(f"{base}/missing.png", on)
     with pytest.raises(ValueError, match="over the 100-byte limit"):
-        load_image(f"{base}/cat.png", FetchPolicy(allow_remote=True, max_image_bytes=100))
+        load_image(f"{base}/cat.png", dataclasses.replace(on, max_image_bytes=100))
     with pytest.raises(ValueError, match="exceeds the 1048576-byte limit"):  # no Content-Length
-        load_image(f"{base}/big", FetchPolicy(allow_remote=True, max_image_bytes=1 << 20))
+        load_image(f"{base}/big", dataclasses.replace(on, max_image_bytes=1 << 20))
     with pytest.raises(ValueError, match="timed out"):
-        load_image(f"{base}/slow", FetchPolicy(allow_remote=True, timeout_s=0.3))
+        load_image(f"{base}/slow", dataclasses.replace(on, timeout_s=0.3))
     with pytest.raises(ValueError, match="non-http"):
         load_image(f"{base}/redirect-ftp", on)
     (root / "notes.txt").write_text("not an image")
@@ -245,3 +246,8 @@ def test_fetch_policy_from_env(monkeypatch):
     assert not FetchPolicy.from_env().allow_remote
     monkeypatch.setenv("QVL_ALLOW_REMOTE", "1")
     assert FetchPolicy.from_env().allow_remote and not FetchPolicy.from_env(False).allow_remote
+    monkeypatch.delenv("QVL_ALLOW_PRIVATE_ADDRESSES", raising=False)
+    assert not FetchPolicy.from_env().allow_private_addresses
+    monkeypatch.setenv("QVL_ALLOW_PRIVATE_ADDRESSES", "yes")
+    assert FetchPolicy.from_env().allow_private_addresses
+    assert not FetchPolicy.from_env(True, False).allow_private_addresses

@@ -13,6 +13,7 @@ import pytest
 from qvl.runtime import fetch
 from qvl.runtime.fetch import AddressRefused, FetchPolicy, address_allowed, download
 from qvl.runtime.media_policy import MediaPolicy, MediaRefused
+from qvl.runtime.options import LoadOptions
 
 
 @pytest.mark.parametrize("addr,ok", [
@@ -63,8 +64,8 @@ def redirecting_server():
 
 def test_private_addresses_refused_and_rechecked_after_redirects(redirecting_server, monkeypatch):
     port = redirecting_server
-    open_ = FetchPolicy(allow_remote=True)
-    strict = FetchPolicy(allow_remote=True, allow_private_addresses=False)
+    open_ = FetchPolicy(allow_remote=True, allow_private_addresses=True)
+    strict = FetchPolicy(allow_remote=True)
     assert download(f"http://127.0.0.1:{port}/x", io.BytesIO(), 100, open_) == 3
     with pytest.raises(AddressRefused, match="127.0.0.1"):
         download(f"http://127.0.0.1:{port}/x", io.BytesIO(), 100, strict)
@@ -77,9 +78,22 @@ def test_private_addresses_refused_and_rechecked_after_redirects(redirecting_ser
         download(f"http://127.0.0.1:{port}/to?http://127.0.0.2:{port}/x", io.BytesIO(), 100, strict)
 
 
+def test_loopback_refused_by_default_and_fetched_when_allowed(redirecting_server, monkeypatch):
+    monkeypatch.delenv("QVL_ALLOW_PRIVATE_ADDRESSES", raising=False)
+    url = f"http://127.0.0.1:{redirecting_server}/x"
+    for default in (FetchPolicy(allow_remote=True), FetchPolicy.from_env(True, LoadOptions().allow_private_addresses)):
+        with pytest.raises(AddressRefused, match=r"resolves to 127\.0\.0\.1, a loopback, private, link-local .*"
+                                                 r"refused unless allow_private_addresses is set"):
+            download(url, io.BytesIO(), 100, default, "image")
+    assert download(url, io.BytesIO(), 100, FetchPolicy(allow_remote=True, allow_private_addresses=True)) == 3
+    monkeypatch.setenv("QVL_ALLOW_PRIVATE_ADDRESSES", "1")
+    assert download(url, io.BytesIO(), 100, FetchPolicy.from_env(True)) == 3
+
+
 def test_no_proxy_when_strict():
     # a proxy would connect on our behalf to an address we never checked
-    assert not [h for h in fetch._public_opener.handlers if isinstance(h, urllib.request.ProxyHandler)]
+    opener = fetch._opener(FetchPolicy(allow_remote=True), deadline=0.0)
+    assert not [h for h in opener.handlers if isinstance(h, urllib.request.ProxyHandler)]
 
 
 @pytest.fixture
