@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qvl.bench.eval import register as register_eval
 from qvl.export.cli import register as register_export
+from qvl.runtime.errors import PromptTooLongError
 from qvl.runtime.options import LoadOptions, option_names
 from qvl.scripts.default_model import cache_dir, default_model_dir
 
@@ -18,7 +19,9 @@ log = logging.getLogger("qvl")
 
 def _load(args):
     import qvl
+    from qvl.runtime.loader import check_device
 
+    check_device(args.device)  # before anything reads the checkpoint, as one line (a DeviceError)
     return qvl.load(args.model, **{k: getattr(args, k) for k in option_names() if hasattr(args, k)})
 
 
@@ -71,17 +74,36 @@ def cmd_chat(args) -> int:
             continue
         turn = _user_message(line, pending_images)
         pending_images = []
-        answer = ""
-        try:
-            for piece in engine.stream(history + turn, **_gen_kwargs(args)):
-                answer += piece
-                print(piece, end="", flush=True)
-        except ValueError as e:  # bad image, prompt too long: report and keep the session
-            print(f"error: {e}", file=sys.stderr)
+        answer, dropped = _answer(engine, history, turn, _gen_kwargs(args))
+        if answer is None:
             continue
         print()
-        history += turn + [{"role": "assistant", "content": answer}]
+        if dropped:
+            print(f"qvl chat: the conversation outgrew the KV cache ({engine.model.max_seq} tokens, --max-seq-len): "
+                  f"dropped the oldest {dropped} of {len(history) // 2} exchanges; /reset starts afresh",
+                  file=sys.stderr)
+        history = history[2 * dropped:] + turn + [{"role": "assistant", "content": answer}]
         _print_stats(engine)
+
+
+def _answer(engine, history: list[dict], turn: list[dict], gen: dict) -> tuple[str | None, int]:
+    """Stream the answer to ``turn`` after ``history`` (user, assistant pairs), leaving out the
+    oldest pairs while the conversation does not fit the KV cache: (the answer, or None after an
+    error, and the pairs left out)."""
+    for dropped in range(len(history) // 2 + 1):
+        answer = ""
+        try:
+            for piece in engine.stream(history[2 * dropped:] + turn, **gen):
+                answer += piece
+                print(piece, end="", flush=True)
+            return answer, dropped
+        except PromptTooLongError as e:
+            error = e
+        except ValueError as e:  # a bad image: report it and keep the session
+            print(f"error: {e}", file=sys.stderr)
+            return None, 0
+    print(f"error: {error}", file=sys.stderr)  # the new message alone does not fit
+    return None, 0
 
 
 def cmd_demo(args) -> int:

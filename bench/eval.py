@@ -220,52 +220,85 @@ def summarize(result: dict, records: list[dict]) -> dict:
     return result
 
 
+class EvalError(RuntimeError):
+    """One or more models failed; ``summary`` holds the models that finished (also on disk)."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 def evaluate(models: list[str], data, limit: int | None = None, out="qvl-eval", device: str = "cpu",
              dtype: str = "float32", max_new_tokens: int = 32, max_seq_len: int = 4096,
              in_process: bool = False, verbose: bool = False, plot: bool = True, text_kl: bool = False) -> dict:
-    """Run every model on the set; write results.json, results.md and accuracy_vs_size.png to ``out``."""
+    """Run every model on the set; write results.json, results.md and accuracy_vs_size.png to ``out``.
+
+    results.json and results.md are rewritten after each model, so a later failure (or Ctrl-C)
+    leaves the finished models on disk. A failed model is listed under ``failed`` and the others
+    still run, unless it is the reference, whose answers they are scored against; then
+    ``EvalError`` carries the summary.
+    """
+    from qvl.runtime.loader import check_device
+
     if not models:
         raise ValueError("name at least one model")
     for m in models:
         if not (Path(parse_model(m)[0]) / "config.json").exists():
             raise FileNotFoundError(f"{parse_model(m)[0]}: not a checkpoint directory (no config.json)")
+    check_device(device)  # one line, before any worker: a worker's failure echoes its traceback
     records = load_records(data, limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    names = _names(models)
+    summary = {"data": str(data), "n": len(records), "tasks": list(dict.fromkeys(rec["task"] for rec in records)),
+               "reference": names[0], "in_process": in_process, "models": [], "failed": []}
+    kw = dict(device=device, dtype=dtype, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, text_kl=text_kl)
     with tempfile.TemporaryDirectory(prefix="ref-", dir=out) as ref_dir:
-        for k, model in enumerate(models):
-            kw = dict(device=device, dtype=dtype, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
-                      text_kl=text_kl)
+        for k, (model, name) in enumerate(zip(models, names)):
             if in_process:
-                res = run_model(model, records, Path(ref_dir), k == 0, **kw)
+                res = _run_in_process(model, records, Path(ref_dir), k == 0, verbose, kw)
             else:
                 res = _run_subprocess(model, data, limit, Path(ref_dir), k == 0, verbose, kw)
-            results.append(summarize(res, records))
-    names = _names(models)
-    for name, r in zip(names, results):
-        r["name"] = name
-    tasks = list(dict.fromkeys(rec["task"] for rec in records))
-    summary = {"data": str(data), "n": len(records), "tasks": tasks, "reference": names[0],
-               "in_process": in_process, "models": results}
-    report.write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
-    md = markdown(summary)
-    report.write_atomic(out / "results.md", md)
-    if plot:
+            if "error" in res:
+                summary["failed"].append({"name": name, "model": model, "error": res["error"]})
+            else:
+                summary["models"].append(dict(summarize(res, records), name=name))
+            _write_results(summary, out)
+            if k == 0 and "error" in res:
+                break
+    if plot and summary["models"]:
         try:
             plot_results(summary, out / "accuracy_vs_size.png")
         except ImportError:
             log.warning("matplotlib is not installed (pip install 'qvl[eval]'): no plot")
+    if summary["failed"]:
+        msg = "; ".join(f"{f['name']} failed: {f['error']}" for f in summary["failed"])
+        if summary["models"]:
+            msg += f"; results of the {len(summary['models'])} that finished: {out / 'results.json'}"
+        elif len(models) > 1:
+            msg += "; the others did not run: they are scored against the reference's answers"
+        raise EvalError(msg, summary)
     return summary
 
 
+def _write_results(summary: dict, out: Path) -> None:
+    report.write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    report.write_atomic(out / "results.md", markdown(summary))
+
+
+def _run_in_process(model, records, ref_dir: Path, is_reference: bool, verbose: bool, kw: dict) -> dict:
+    try:
+        return run_model(model, records, ref_dir, is_reference, **kw)
+    except Exception as e:  # noqa: BLE001 - reported as the model's failure, as a worker's is
+        log.error("%s: %s", model, e, exc_info=verbose)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _run_subprocess(model, data, limit, ref_dir: Path, is_reference: bool, verbose: bool, kw: dict) -> dict:
-    res = harness.run(model_worker, {"model": model, "data": str(data), "limit": limit, "ref_dir": str(ref_dir),
-                                     "is_reference": is_reference, "verbose": verbose, **kw},
-                      label=Path(parse_model(model)[0]).name)
-    if "error" in res:
-        raise RuntimeError(f"evaluating {model} failed ({res['error']}); see the messages above")
-    return res
+    """The worker's result; ``error`` when it failed (the harness has echoed its output)."""
+    return harness.run(model_worker, {"model": model, "data": str(data), "limit": limit, "ref_dir": str(ref_dir),
+                                      "is_reference": is_reference, "verbose": verbose, **kw},
+                       label=Path(parse_model(model)[0]).name)
 
 
 def _names(models: list[str]) -> list[str]:
@@ -305,7 +338,7 @@ def markdown(summary: dict) -> str:
             skipped = r["skipped"].get(t, 0)
             note = f" ({skipped} skipped)" if skipped and a is not None else ""
             cells.append(_fmt(a, ".3f", none="skipped") + note)
-        n = max(r["task_n"].get(t, 0) + r["skipped"].get(t, 0) for r in models)
+        n = max((r["task_n"].get(t, 0) + r["skipped"].get(t, 0) for r in models), default=0)
         lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
     notes = []
     if text:
@@ -314,6 +347,8 @@ def markdown(summary: dict) -> str:
                      f"{n_text} tokens), one teacher-forced pass; the other columns: answer tokens only")
     if summary["in_process"]:
         notes.append("all models ran in one process: RSS figures include the models before them")
+    for f in summary.get("failed", []):
+        notes.append(f"{f['name']} failed: {f['error']}"[:300])
     skipped = {t for r in models for t in r["skipped"]}
     if skipped:
         reasons = {row["skipped"] for r in models for row in r["rows"] if "skipped" in row}
@@ -400,9 +435,15 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    summary = evaluate(args.models, args.data, args.limit, args.out, args.device, args.dtype, args.max_new_tokens,
-                       args.max_seq_len, args.in_process, getattr(args, "verbose", False), plot=not args.no_plot,
-                       text_kl=args.text_kl)
+    try:
+        summary = evaluate(args.models, args.data, args.limit, args.out, args.device, args.dtype,
+                           args.max_new_tokens, args.max_seq_len, args.in_process, getattr(args, "verbose", False),
+                           plot=not args.no_plot, text_kl=args.text_kl)
+    except EvalError as e:
+        if e.summary["models"]:
+            print(markdown(e.summary), end="")
+        print(f"qvl eval: {e}", file=sys.stderr)
+        return 1
     print(markdown(summary), end="")
     print(f"\nwrote {Path(args.out) / 'results.json'}, results.md" + ("" if args.no_plot else ", accuracy_vs_size.png"))
     return 0

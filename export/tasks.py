@@ -130,6 +130,8 @@ def jsonl_records(path: Path):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {line.strip()[:60]}")
         if "messages" not in rec and "question" not in rec:
             raise ValueError(f"{path}:{n}: needs 'messages' or 'question'")
         yield n, rec
@@ -137,6 +139,8 @@ def jsonl_records(path: Path):
 
 def load_records(path, limit: int | None = None) -> list[dict]:
     """Read a JSONL set into records with ``id, task, metric, answers, options, messages``."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of records, got {limit!r}")
     path = Path(path)
     base = path.parent
     records = []
@@ -147,10 +151,16 @@ def load_records(path, limit: int | None = None) -> list[dict]:
         metric = rec.get("metric", "exact")
         if metric not in METRICS:
             raise ValueError(f"{path}:{n}: unknown metric {metric!r}; expected one of {METRICS}")
+        options = rec.get("options")
+        # scoring reads a letter against the options and maps answers given as option text
+        if metric == "mc" and not (isinstance(options, (list, dict)) and options):
+            got = "it has none" if options is None else f"got {json.dumps(options)[:60]}"
+            raise ValueError(f"{path}:{n}: metric 'mc' needs 'options', a non-empty list or "
+                             f"{{letter: text}} object; {got}")
         records.append({"id": str(rec.get("id", n)), "task": str(rec.get("task", "default")), "metric": metric,
                         "answers": [str(a) for a in (answers if isinstance(answers, list) else [answers])],
-                        "options": rec.get("options"), "messages": record_messages(rec, base)})
-        if limit and len(records) >= limit:
+                        "options": options, "messages": record_messages(rec, base)})
+        if limit is not None and len(records) >= limit:
             break
     if not records:
         raise ValueError(f"{path}: no records")

@@ -43,11 +43,59 @@ def hf_to_qvl(name: str) -> str:
     return name
 
 
+class DeviceError(ValueError):
+    """The device named is one this torch cannot place tensors on."""
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` where tensors can be placed, else a one-line ``DeviceError``
+    saying why (torch's own are an AssertionError, or a page of dispatcher keys). CUDA is checked
+    without creating a context, so a parent process can check for its workers."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"device {device!r} is not a torch device: {str(e).splitlines()[0]}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch has no CUDA (torch {torch.__version__})" if torch.version.cuda is None
+                   else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU")
+            raise DeviceError(f"device {device!r}: {why}; use device 'cpu', or a CUDA build of torch on a "
+                              "machine with an NVIDIA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "meta":
+        raise DeviceError(f"device {device!r} holds no data; use 'cpu' or 'cuda'")
+    elif dev.type != "cpu":
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+        if hasattr(backend, "is_available") and not backend.is_available():
+            raise DeviceError(f"device {device!r}: not available with this torch ({torch.__version__}) "
+                              "on this machine; use 'cpu'")
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, NotImplementedError) as e:
+            raise DeviceError(f"device {device!r}: {str(e).splitlines()[0].split('. ')[0]}") from None
+    return dev
+
+
+def read_json_object(file: Path) -> dict:
+    """A checkpoint's JSON file as a dict; a ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {file}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ConfigError(f"{file} is not a JSON object: it holds {kind}")
+    return data
+
+
 def read_config(path: Path) -> tuple[Qwen2VLConfig, dict]:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise ConfigError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
-    raw = json.loads(cfg_path.read_text())
+    raw = read_json_object(cfg_path)
     return Qwen2VLConfig.from_hf(raw), raw
 
 
@@ -69,6 +117,7 @@ def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_k
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    device = check_device(device)
     cfg, raw = read_config(path)
     qcfg = QuantConfig.from_hf(cfg.quantization) if cfg.quantization else None
     dtype = resolve_dtype(dtype, raw)
