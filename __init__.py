@@ -26,7 +26,7 @@ def load(path, **options):
 _LAZY = {
     "Engine": "qvl.runtime.engine", "LoadOptions": "qvl.runtime.options", "SamplingParams": "qvl.runtime.sampler",
     "Stats": "qvl.runtime.sequence", "Handle": "qvl.runtime.sequence", "QueueFullError": "qvl.runtime.errors",
-    "PromptTooLongError": "qvl.runtime.errors",
+    "PromptTooLongError": "qvl.runtime.errors", "Session": "qvl.runtime.session",
 }
 
 

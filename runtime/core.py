@@ -137,6 +137,10 @@ class EngineCore:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.phase is Phase.DONE:
             return
+        try:
+            self.runner.retire(seq)
+        except Exception:  # a cache that cannot take the rows costs a later request time, never this answer
+            log.exception("keeping request %d's KV in the prefix cache failed", seq.id)
         self.scheduler.free(seq)
         if seq.detok is not None:
             text, _ = seq.stops.push(seq.detok.flush())

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 import time
@@ -17,7 +16,7 @@ from qvl.runtime.core import EngineCore
 from qvl.runtime.errors import PromptTooLongError, QueueFullError
 from qvl.runtime.fetch import FetchPolicy
 from qvl.runtime.inputs import InputLimits
-from qvl.runtime.loader import load_model, read_config
+from qvl.runtime.loader import check_device, load_model, read_config, read_json_object
 from qvl.runtime.onnx_vision import OnnxVision
 from qvl.runtime.options import LoadOptions
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
@@ -26,6 +25,7 @@ from qvl.runtime.runner import ModelRunner
 from qvl.runtime.sampler import SamplingParams
 from qvl.runtime.scheduler import Scheduler
 from qvl.runtime.sequence import Handle, Sequence, Stats
+from qvl.runtime.session import Session
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
 
@@ -37,7 +37,7 @@ def _stop_ids(path: Path, tokenizer: Tokenizer) -> set[int]:
     for name in ("generation_config.json", "config.json"):
         f = path / name
         if f.exists():
-            eos = json.loads(f.read_text()).get("eos_token_id")
+            eos = read_json_object(f).get("eos_token_id")
             if eos is not None:
                 return set(eos) if isinstance(eos, list) else {int(eos)}
     return {tokenizer.token_id("<|im_end|>")}
@@ -51,7 +51,7 @@ class Engine:
         opts = self.options = LoadOptions(**options)
         path = Path(path)
         t0 = time.perf_counter()
-        self.device = torch.device(opts.device)
+        self.device = check_device(opts.device)
         if opts.vision_backend not in ("torch", "onnx"):
             raise ValueError(f"vision_backend {opts.vision_backend!r}: use 'torch' or 'onnx'")
         self.vision = None  # None: the model's own torch tower
@@ -70,8 +70,12 @@ class Engine:
         self.stop_ids = _stop_ids(path, self.tokenizer)
         cfg = self.model.cfg
         self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
+        for name in ("prefix_cache_mb", "vision_cache_mb"):
+            if not getattr(opts, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(opts, name)!r}")
         runner = ModelRunner(self.model, self.vision, self.image_token_id, self.video_token_id, self.device,
-                             opts.prefill_chunk, opts.decode_kv, opts.cuda_graphs)
+                             opts.prefill_chunk, opts.decode_kv, opts.cuda_graphs,
+                             int(opts.prefix_cache_mb * 2**20), int(opts.vision_cache_mb * 2**20))
         self._core = EngineCore(runner, Scheduler(opts.max_batch, opts.max_queue), self.tokenizer)
         weakref.finalize(self, self._core.stop)
         self.load_s = time.perf_counter() - t0
@@ -83,6 +87,10 @@ class Engine:
         """What a health check or metrics endpoint reports: ``running``, ``queue_depth``,
         ``slots_in_use``, ``slots_total``."""
         return {"running": self._core.running, **self._core.scheduler.state()}
+
+    def session(self, system: str | None = None, **kw) -> Session:
+        """A conversation or a loop over frames whose instructions stay cached (``qvl.runtime.session``)."""
+        return Session(self, system, **kw)
 
     def close(self) -> None:
         """Stop the engine loop; running requests end with an error."""

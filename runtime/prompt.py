@@ -16,6 +16,7 @@ import torch
 from qvl.runtime.fetch import FetchPolicy
 from qvl.runtime.errors import PromptTooLongError
 from qvl.runtime.inputs import InputLimits, item_source, extract_vision, finish_image, image_tokens, open_image
+from qvl.runtime.prefix_cache import digest
 from qvl.runtime.processor import ImageProcessor
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video import fetch_video
@@ -34,6 +35,7 @@ class Request:
     text: str = ""
     videos: list[VideoPatches] = field(default_factory=list)
     vision_grids: list[tuple[int, int, int]] | None = None  # images and videos in prompt order
+    vision_keys: list[bytes] = field(default_factory=list)  # their content digests, in the same order
 
     def __post_init__(self):
         if self.vision_grids is None:
@@ -89,11 +91,23 @@ def build_request(messages, tokenizer: Tokenizer, processor: ImageProcessor, mer
     if kinds != [kind for kind, _ in items]:
         raise ValueError(f"the chat template produced placeholders {kinds} for vision items "
                          f"{[kind for kind, _ in items]}")
+    image_keys, video_keys = iter(_image_digests(pixel_values, grids)), iter(digest(v.frames, v.grid) for v in videos)
     image_grids, video_grids = iter(grids), iter(v.grid for v in videos)
-    expanded, vision_grids = [parts[0]], []
+    expanded, vision_grids, vision_keys = [parts[0]], [], []
     for pad, rest in zip(parts[1::2], parts[2::2]):
         t, h, w = next(image_grids if pad == IMAGE_PAD else video_grids)
         vision_grids.append((t, h, w))
+        vision_keys.append(next(image_keys if pad == IMAGE_PAD else video_keys))
         expanded += [pad * (t * h * w // merge**2), rest]
     return Request(ids=tokenizer.encode("".join(expanded)), pixel_values=pixel_values, grids=grids, text=text,
-                   videos=videos, vision_grids=vision_grids)
+                   videos=videos, vision_grids=vision_grids, vision_keys=vision_keys)
+
+
+def _image_digests(pixel_values: torch.Tensor | None, grids: list[tuple[int, int, int]]) -> list[bytes]:
+    """One digest per image of its preprocessed patches and grid: the same picture resized the
+    same way is the same key, whatever file or URL it came from."""
+    out, at = [], 0
+    for t, h, w in grids:
+        out.append(digest(pixel_values[at : at + t * h * w], (t, h, w)))
+        at += t * h * w
+    return out

@@ -23,7 +23,8 @@ import torch
 
 from qvl.model.qwen2_vl import Qwen2VL
 from qvl.model.rope import rope_index
-from qvl.runtime.embed import encode_video_chunk, splice, sync, video_chunks
+from qvl.runtime.embed import encode_video_chunk, sync, video_chunks
+from qvl.runtime.prefix_cache import PrefixCache, VisionCache
 from qvl.runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,34 @@ def buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
+def vision_spans(ids: list[int], image_token_id: int, video_token_id: int) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of each run of image or video placeholders, in prompt order."""
+    spans, i, n = [], 0, len(ids)
+    while i < n:
+        tok = ids[i]
+        if tok == image_token_id or tok == video_token_id:
+            j = i
+            while j < n and ids[j] == tok:
+                j += 1
+            spans.append((i, j, "image" if tok == image_token_id else "video"))
+            i = j
+        else:
+            i += 1
+    return spans
+
+
+def token_keys(ids: list[int], spans, vision_keys: list[bytes]) -> list:
+    """The prompt's prefix-cache keys: its ids, each picture's placeholders replaced by its digest."""
+    keys = list(ids)
+    for (s0, s1, _), key in zip(spans, vision_keys):
+        keys[s0:s1] = [key] * (s1 - s0)
+    return keys
+
+
 class ModelRunner:
     def __init__(self, model: Qwen2VL, vision, image_token_id: int, video_token_id: int, device,
-                 prefill_chunk: int = 256, decode_kv: str | None = None, cuda_graphs: bool | None = None):
+                 prefill_chunk: int = 256, decode_kv: str | None = None, cuda_graphs: bool | None = None,
+                 prefix_cache_bytes: int = 0, vision_cache_bytes: int = 0):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.device = model, torch.device(device)
@@ -58,43 +84,72 @@ class ModelRunner:
             raise ValueError("a captured decode step attends over the full cache (decode_kv='full')")
         self.buckets = buckets(model.max_batch)
         self._graphs: dict[int, _GraphStep] = {}
+        self.caches = [layer.self_attn.kv_cache for layer in model.layers]
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
 
     # --- prefill ---------------------------------------------------------------------------
 
     def start(self, seq: Sequence) -> None:
-        """Token embeddings, M-RoPE ids and the vision work of ``seq``'s prompt (into seq.work)."""
+        """Token embeddings, M-RoPE ids and the vision work of ``seq``'s prompt (into seq.work);
+        with a prefix cache hit, the shared rows are copied into the slot and prefill starts after."""
         req = seq.request
         ids = torch.tensor([req.ids])
         positions, delta = rope_index(ids, req.vision_grids, (self.image_token_id, self.video_token_id),
                                       self.model.cfg.vision.spatial_merge_size)
         seq.delta = int(delta[0])
-        jobs = []
-        if req.grids:
-            jobs.append(("image", None, 0, 0))
-        jobs += [("video", v, t0, t1) for v in req.videos for t0, t1 in video_chunks(v)]
+        spans = vision_spans(req.ids, self.image_token_id, self.video_token_id)
+        if len(spans) != len(req.vision_grids):
+            raise ValueError(f"{len(spans)} runs of vision placeholders for {len(req.vision_grids)} images and videos")
+        keyed = len(req.vision_keys) == len(spans)
+        seq.keys = token_keys(req.ids, spans, req.vision_keys) if keyed else None
+        hit = 0
+        if self.prefix is not None and seq.keys is not None and not seq.prompt_logprobs:
+            entry, n = self.prefix.lookup(seq.keys)
+            n = min(n, len(req.ids) - 1)  # the last prompt token runs: its logits choose the first new one
+            for s0, s1, _ in spans:  # never start inside a picture
+                if s0 < n < s1:
+                    n = s0
+            if entry is not None and n >= self.prefix.min_tokens:
+                PrefixCache.load(entry, n, self.caches, seq.slot)
+                hit = n
+        seq.length = seq.stats.cached_tokens = hit
+        # vision work for the pictures after the cached prefix, each looked up by its digest first
+        vis, jobs, encode, images = {}, [], [], 0
+        for i, (s0, s1, kind) in enumerate(spans):
+            number = images if kind == "image" else i - images
+            images += kind == "image"
+            if s1 <= hit:
+                continue
+            key = req.vision_keys[i] if keyed else None
+            cached = self.vision_cache.get(key) if self.vision_cache is not None and key is not None else None
+            if cached is not None:
+                vis[i] = cached
+            elif kind == "image":
+                encode.append((i, number))
+            else:
+                video = req.videos[number]
+                chunks = video_chunks(video)
+                jobs += [("video", i, video, t0, t1, j == len(chunks) - 1) for j, (t0, t1) in enumerate(chunks)]
+        if encode:
+            jobs.insert(0, ("image", encode, None, 0, 0, True))
         seq.work.update(ids=ids, embeds=self.model.embed_tokens(ids.to(self.device)),
-                        positions=positions.to(self.device), jobs=jobs, image=[], video=[])
+                        positions=positions.to(self.device), jobs=jobs, vis=vis, parts={}, spans=spans, spliced=False)
 
     def prefill_step(self, seq: Sequence) -> torch.Tensor | None:
         """Run one prefill work item of ``seq``; the last one returns the logits [1, V] that
         choose its first token (None before that)."""
         w = seq.work
         if w["jobs"]:
-            kind, video, t0, t1 = w["jobs"].pop(0)
-            t = time.perf_counter()
-            if kind == "image":
-                pv = seq.request.pixel_values.to(self.device)
-                w["image"].append(self.tower.encode(pv, torch.tensor(seq.request.grids)))
-            else:
-                w["video"].append(encode_video_chunk(self.tower, video, t0, t1, self.device))
-            if not w["jobs"]:  # every vision embedding is in: splice them over their pad tokens
-                for kind, tok in (("image", self.image_token_id), ("video", self.video_token_id)):
-                    if w[kind]:
-                        splice(w["embeds"], w["ids"], tok, torch.cat(w[kind]), kind)
-                w["image"] = w["video"] = None
-            sync(self.device)
-            seq.stats.vision_s += time.perf_counter() - t
+            self._vision_job(seq, w["jobs"].pop(0))
             return None
+        if not w["spliced"]:  # every vision embedding is in: write them over their placeholders
+            for i, emb in w["vis"].items():
+                s0, s1, kind = w["spans"][i]
+                if emb.shape[0] != s1 - s0:
+                    raise ValueError(f"{s1 - s0} {kind} placeholder tokens for {emb.shape[0]} vision embeddings")
+                w["embeds"][0, s0:s1] = emb.to(w["embeds"].dtype)
+            w["vis"], w["spliced"] = None, True
         p, total = seq.length, len(seq.request.ids)
         end = min(p + self.prefill_chunk, total)
         mask = None
@@ -110,6 +165,40 @@ class ModelRunner:
             return None
         w["embeds"] = w["positions"] = None
         return self.model.logits(hidden[:, -1])
+
+    def _vision_job(self, seq: Sequence, job) -> None:
+        kind, what, video, t0, t1, last = job
+        req, w, t = seq.request, seq.work, time.perf_counter()
+        if kind == "image":  # every image not cached, in one tower call
+            sizes = [g[0] * g[1] * g[2] for g in req.grids]
+            starts = [sum(sizes[:j]) for j in range(len(sizes))]
+            rows = torch.cat([req.pixel_values[starts[j] : starts[j] + sizes[j]] for _, j in what])
+            out = self.tower.encode(rows.to(self.device), torch.tensor([req.grids[j] for _, j in what]))
+            merge = self.model.cfg.vision.spatial_merge_size ** 2
+            for (i, j), emb in zip(what, out.split([sizes[j] // merge for _, j in what])):
+                w["vis"][i] = emb
+                self._remember(req, i, emb)
+        else:
+            w["parts"].setdefault(what, []).append(encode_video_chunk(self.tower, video, t0, t1, self.device))
+            if last:
+                w["vis"][what] = emb = torch.cat(w["parts"].pop(what))
+                self._remember(req, what, emb)
+        sync(self.device)
+        seq.stats.vision_s += time.perf_counter() - t
+
+    def _remember(self, req, i: int, emb: torch.Tensor) -> None:
+        if self.vision_cache is not None and len(req.vision_keys) == len(req.vision_grids):
+            self.vision_cache.put(req.vision_keys[i], emb)
+
+    def retire(self, seq: Sequence) -> None:
+        """Keep an ended request's KV rows in the prefix cache (its prompt and the answer tokens
+        that were fed), before anything else writes its slot."""
+        if self.prefix is None or seq.keys is None or seq.slot < 0:
+            return
+        n = seq.length
+        keys = seq.keys[:n] + seq.out_ids[: max(n - len(seq.keys), 0)]
+        if len(keys) == n:
+            self.prefix.store(keys, self.caches, seq.slot)
 
     def _prompt_rows(self, seq: Sequence, hidden: torch.Tensor, p: int, end: int) -> None:
         """Log-probs of every text token in (p, end] that the hidden state before it predicts."""

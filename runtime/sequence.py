@@ -25,6 +25,7 @@ from qvl.runtime.sampler import Sampler, SamplingParams
 @dataclass
 class Stats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, whose KV came from the prefix cache
     new_tokens: int = 0
     queue_s: float = 0.0  # submitted -> admitted into a slot
     vision_s: float = 0.0
@@ -44,7 +45,8 @@ class Stats:
     @classmethod
     def combine(cls, parts: list[Stats]) -> Stats:
         """One figure for requests that ran side by side: counts add up, times overlap (max)."""
-        return cls(prompt_tokens=sum(p.prompt_tokens for p in parts), new_tokens=sum(p.new_tokens for p in parts),
+        return cls(prompt_tokens=sum(p.prompt_tokens for p in parts), cached_tokens=sum(p.cached_tokens for p in parts),
+                   new_tokens=sum(p.new_tokens for p in parts),
                    queue_s=max(p.queue_s for p in parts), vision_s=sum(p.vision_s for p in parts),
                    prefill_s=max(p.prefill_s for p in parts), decode_s=max(p.decode_s for p in parts),
                    requests=len(parts))
@@ -106,6 +108,7 @@ class Sequence:
     length: int = 0  # tokens in the cache row (the next write position)
     delta: int = 0  # M-RoPE: decode position = cache position + delta
     last: int = -1  # the token the next decode step feeds
+    keys: list | None = None  # the prompt's prefix-cache keys (qvl.runtime.prefix_cache), set at admission
     out_ids: list[int] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)  # forced / prompt log-probs
     targets: list[torch.Tensor] = field(default_factory=list)  # the ids the prompt log-prob rows predict

@@ -183,7 +183,7 @@ class _Exchange:
 def _usage(h) -> dict:
     s = h.stats
     return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens,
-            "total_tokens": s.prompt_tokens + s.new_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
+            "total_tokens": s.prompt_tokens + s.new_tokens, "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
 
 
 def _finish(reason: str | None) -> str:

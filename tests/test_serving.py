@@ -309,13 +309,20 @@ def test_stop_strings_cut_the_answer(engine, convs, alone):
 
 
 def test_per_request_stats(engine, convs):
-    h = engine.submit(convs["image"], max_new_tokens=6, ignore_eos=True)
-    ids = h.result()
-    s = h.stats
-    assert s.new_tokens == len(ids) == 6
-    assert s.prompt_tokens == len(engine._request(convs["image"], False).ids)
-    assert 0 < s.prefill_s <= s.ttft_s and s.vision_s > 0 and s.decode_tok_s > 0
-    assert h.finish_reason == "length"
+    conv = [{"role": "user", "content": [{"type": "image", "image": _image(70, 42, 99)},
+                                         {"type": "text", "text": "Seen only here."}]}]
+    for again in (False, True):
+        h = engine.submit(conv, max_new_tokens=6, ignore_eos=True)
+        ids = h.result()
+        s = h.stats
+        assert s.new_tokens == len(ids) == 6
+        assert s.prompt_tokens == len(engine._request(conv, False).ids)
+        assert 0 < s.prefill_s <= s.ttft_s and s.decode_tok_s > 0
+        assert h.finish_reason == "length"
+        if again:  # the prefix cache holds the whole prompt but its last token; the picture is not encoded
+            assert s.cached_tokens == s.prompt_tokens - 1 and s.vision_s == 0
+        else:
+            assert s.vision_s > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
