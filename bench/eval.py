@@ -107,7 +107,8 @@ def run_model(spec: str, records: list[dict], ref_dir: Path, is_reference: bool,
     dtype = spec_dtype or dtype
     rss_before = status_kb("VmRSS")
     t0 = time.perf_counter()
-    engine = qvl.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    # every record prefilled in full: a score must not depend on which records ran before it
+    engine = qvl.load(path, device=device, dtype=dtype, max_seq_len=max_seq_len, prefix_cache_mb=0)
     load_s = time.perf_counter() - t0
     engine.generate(records[0]["messages"], max_new_tokens=max_new_tokens)  # warm-up, not timed
     answers_file = ref_dir / "answers.json"

@@ -93,7 +93,8 @@ def serve_worker(spec: dict, res: dict) -> None:
     import qvl
 
     eng = qvl.load(spec["ckpt"], device=spec["device"], dtype=spec["dtype"], max_seq_len=spec["max_seq_len"],
-                   max_batch=spec["max_batch"], cuda_graphs=spec.get("cuda_graphs"), decode_kv=spec.get("decode_kv"))
+                   max_batch=spec["max_batch"], cuda_graphs=spec.get("cuda_graphs"), decode_kv=spec.get("decode_kv"),
+                   prefix_cache_mb=0, vision_cache_mb=0)  # batching measured alone: reruns must not hit a cache
     res["load_s"] = eng.load_s
     res["decode_kv"] = eng._core.runner.decode_kv
     res["cuda_graphs"] = eng._core.runner.cuda_graphs

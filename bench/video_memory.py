@@ -76,7 +76,7 @@ def _measure(mode: str, video: str, ckpt: str) -> dict:
     from qvl.runtime.video import fetch_video
 
     torch.manual_seed(0)
-    eng = qvl.load(ckpt, max_seq_len=60000)
+    eng = qvl.load(ckpt, max_seq_len=60000, prefix_cache_mb=0, vision_cache_mb=0)  # the request's own memory alone
     item = {"type": "video", "video": video}
     base = status_kb("VmRSS") / 1024
     t0 = time.perf_counter()

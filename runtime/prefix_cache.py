@@ -101,11 +101,11 @@ class PrefixCache:
                 return
             if m == len(e.keys):
                 self._drop(eid)
+        nbytes = 2 * n * sum(c.k[row, :, 0].numel() * c.k.element_size() for c in caches)
+        if nbytes > self.budget:  # checked before copying: a long request must not double its KV
+            return
         k = [c.k[row, :, :n].clone() for c in caches]
         v = [c.v[row, :, :n].clone() for c in caches]
-        nbytes = sum(t.numel() * t.element_size() for t in k + v)
-        if nbytes > self.budget:
-            return
         while self.nbytes + nbytes > self.budget:
             self._drop(next(iter(self._entries)))
         self._ids += 1
