@@ -45,12 +45,41 @@ def _user_message(prompt: str, images: list[str]) -> list[dict]:
 
 
 def cmd_run(args) -> int:
+    if args.boxes and len(args.image or []) != 1:
+        raise SystemExit("qvl: error: --boxes draws on the one picture given with --image")
     engine = _load(args)
-    for piece in engine.stream(_user_message(args.prompt, args.image or []), **_gen_kwargs(args)):
+    h = engine.submit(_user_message(args.prompt, args.image or []), **_gen_kwargs(args))
+    ids = []
+    for tok, piece in h:
+        if tok is not None:
+            ids.append(tok)
         print(piece, end="", flush=True)
     print()
+    engine.last_stats = h.stats
     _print_stats(engine)
+    if args.boxes:
+        _draw_answer_boxes(engine, args.image[0], engine.tokenizer.decode(ids, skip_special_tokens=False), args.boxes)
     return 0
+
+
+def _draw_answer_boxes(engine, image_path: str, text: str, out: str) -> None:
+    """The answer's grounding boxes, listed and drawn on the original picture (written atomically)."""
+    from PIL import Image
+
+    from qvl.runtime.boxes import draw_boxes, model_image_size, parse_boxes
+
+    with Image.open(image_path) as im:
+        im.load()
+        boxes = parse_boxes(text, im.size, model_type="qwen2_vl",
+                            resized_size=model_image_size(im.size, engine.processor))
+        drawn = draw_boxes(im, boxes)
+    for b in boxes:
+        print(f"box {b.label or '-'}: ({b.x1:.0f}, {b.y1:.0f}), ({b.x2:.0f}, {b.y2:.0f})", file=sys.stderr)
+    path = Path(out)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    drawn.save(tmp)
+    tmp.replace(path)
+    print(f"qvl run: {len(boxes)} boxes drawn on {path}", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:
@@ -207,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="answer one prompt")
     common(r)
     r.add_argument("prompt")
+    r.add_argument("--boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the --image picture")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("chat", help="interactive multi-turn chat")
     common(c)

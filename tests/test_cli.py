@@ -80,3 +80,33 @@ def test_default_model_falls_back_to_a_tiny_random_one(tmp_path, monkeypatch):
     monkeypatch.setenv("QVL_CACHE", str(tmp_path))
     assert default_model.default_model_dir() == tmp_path / "tiny-default"
     assert (tmp_path / "tiny-default" / "config.json").exists()
+
+
+def test_run_boxes_draws_on_the_picture(tiny_ckpt, picture, tmp_path):
+    out = tmp_path / "boxes.png"
+    r = _qvl("run", tiny_ckpt, "--image", picture, "--max-new-tokens", 6, "--boxes", out, "Find the red thing.")
+    assert r.returncode == 0, r.stderr
+    assert "boxes drawn on" in r.stderr
+    with Image.open(out) as im:
+        assert im.size == (100, 60)
+    r = _qvl("run", tiny_ckpt, "--boxes", out, "No picture.")
+    assert r.returncode != 0 and "--boxes" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_answer_boxes_are_listed_and_drawn(picture, tmp_path, capsys):
+    from qvl.cli import _draw_answer_boxes
+    from qvl.runtime.boxes import parse_boxes
+    from qvl.runtime.processor import ImageProcessor
+
+    class Engine:
+        processor = ImageProcessor()
+
+    text = "<|object_ref_start|>cup<|object_ref_end|><|box_start|>(100,200),(500,800)<|box_end|>"
+    out = tmp_path / "drawn.png"
+    _draw_answer_boxes(Engine(), str(picture), text, str(out))
+    (box,) = parse_boxes(text, (100, 60))
+    err = capsys.readouterr().err
+    assert f"box cup: ({box.x1:.0f}, {box.y1:.0f}), ({box.x2:.0f}, {box.y2:.0f})" in err
+    with Image.open(out) as im, Image.open(picture) as orig:
+        assert im.getpixel((int(box.x1), int((box.y1 + box.y2) / 2))) != orig.convert("RGB").getpixel((0, 0))
+        assert im.getpixel((99, 59)) == orig.convert("RGB").getpixel((99, 59))

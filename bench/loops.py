@@ -1,0 +1,162 @@
+"""Robot loops and chats: time to first token with the prefix and vision caches on and off.
+
+Run as ``python -m qvl.bench.loops [--scheme int4] [--frames 10] [--turns 5]``.
+
+Loop: the same ~500-token instructions and a new 448x448 camera frame each step, through
+``engine.session(warm=True)``. With the caches on, a step should cost what the frame alone
+costs: the reference row runs each frame with no instructions at all (caches off), so it pays for
+the vision tower on the frame and the prefill of the frame's own tokens and nothing else.
+Chat: five turns re-sending the whole history, one picture in the first turn. Each row is a
+fresh process (:mod:`qvl.bench.harness`) on the benchmarks' random-weight Qwen2-VL-2B
+(:mod:`qvl.bench.fixtures`), int4 by default; answers are 16 tokens, eos ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import statistics
+
+from qvl.bench import fixtures, harness, probe, report
+from qvl.bench.report import fmt
+
+log = logging.getLogger("qvl.bench.loops")
+
+SCHEMES = {"bf16": None, "int4": "gptq-int4", "int8": "gptq-int8"}
+NEW_TOKENS = 16
+QUESTION = "Where is the nearest obstacle, and is the path ahead clear?"
+
+
+def _frame(i: int, side: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(1000 + i).integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def _instructions(tokenizer, tokens: int) -> str:
+    rules, k = [], 0
+    while len(tokenizer.encode(" ".join(rules))) < tokens:
+        k += 1
+        rules.append(f"Rule {k}: report obstacles closer than {k * 10} centimetres by their direction and distance, "
+                     "and say whether the arm may move.")
+    return " ".join(rules)
+
+
+def _row(stats) -> dict:
+    return {"ttft_s": stats.ttft_s, "vision_s": stats.vision_s, "prefill_s": stats.prefill_s,
+            "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens}
+
+
+@harness.worker(memory=True)
+def loop_worker(spec: dict, res: dict) -> None:
+    import qvl
+
+    caches = spec["caches"]
+    mb = {} if caches else {"prefix_cache_mb": 0, "vision_cache_mb": 0}
+    eng = qvl.load(spec["ckpt"], dtype="bfloat16", max_seq_len=spec["max_seq_len"], max_batch=1, **mb)
+    system = _instructions(eng.tokenizer, spec["instruction_tokens"]) if spec["instructions"] else None
+    item = {"max_pixels": spec["side"] ** 2}
+    eng.generate([{"role": "user", "content": "Warm up."}], max_new_tokens=2)  # kernels built, pages touched
+    res["frames"] = []
+    if spec["task"] == "loop":
+        session = eng.session(system=system, warm=caches and system is not None, max_new_tokens=NEW_TOKENS,
+                              ignore_eos=True)
+        for i in range(spec["frames"]):
+            session.ask(QUESTION, [{"image": _frame(i, spec["side"]), **item}])
+            res["frames"].append(_row(session.last_stats))
+            log.info("frame %d: TTFT %.3fs (vision %.3fs), %d of %d prompt tokens cached", i,
+                     session.last_stats.ttft_s, session.last_stats.vision_s, session.last_stats.cached_tokens,
+                     session.last_stats.prompt_tokens)
+    else:
+        chat = eng.session(history=True, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        for turn in range(spec["turns"]):
+            pictures = [{"image": _frame(0, spec["side"]), **item}] if turn == 0 else []
+            chat.ask(f"Turn {turn}: what changed?" if turn else "Describe the scene.", pictures)
+            res["frames"].append(_row(chat.last_stats))
+            log.info("turn %d: TTFT %.3fs, %d of %d prompt tokens cached", turn, chat.last_stats.ttft_s,
+                     chat.last_stats.cached_tokens, chat.last_stats.prompt_tokens)
+    eng.close()
+
+
+def _median_after_first(rows: list[dict], key: str = "ttft_s") -> float:
+    return statistics.median(r[key] for r in rows[1:]) if len(rows) > 1 else float("nan")
+
+
+def render(result: dict) -> str:
+    runs = result["runs"]
+    lines = [f"# Robot loops and chats: the prefix and vision caches ({result['config']} {result['scheme']}, "
+             f"{result['device']})", "",
+             f"{probe.cpu_model()}, {result['threads']} threads. Loop: {result['frames']} frames of "
+             f"{result['side']}x{result['side']} under ~{result['instruction_tokens']} tokens of instructions; "
+             f"chat: {result['turns']} turns re-sending the history, one picture in turn 0. {NEW_TOKENS} new tokens "
+             "a request. TTFT = submit -> first token. Each row is a fresh process.", ""]
+    if any("error" in r for r in runs.values()):
+        lines += [f"- {k}: error {str(r['error'])[:200]}" for k, r in runs.items() if "error" in r] + [""]
+    ok = {k: r for k, r in runs.items() if "error" not in r}
+    if {"loop, caches on", "loop, caches off", "frame alone"} <= ok.keys():
+        on, off, alone = (ok[k]["frames"] for k in ("loop, caches on", "loop, caches off", "frame alone"))
+        lines += ["## Loop: time to first token per frame (s)", ""]
+        rows = [[i, fmt(a["ttft_s"], "{:.3f}"), a["cached_tokens"], fmt(b["ttft_s"], "{:.3f}"),
+                 fmt(c["ttft_s"], "{:.3f}"), fmt(a["vision_s"], "{:.3f}")] for i, (a, b, c) in enumerate(zip(on, off, alone))]
+        lines += report.table(["frame", "caches on", "cached tokens", "caches off", "frame alone (reference)",
+                               "vision tower (on)"], rows)
+        m_on, m_off, m_alone = (_median_after_first(x) for x in (on, off, alone))
+        lines += ["", f"Median from frame 1 on: caches on {m_on:.3f} s, caches off {m_off:.3f} s, the frame alone "
+                  f"{m_alone:.3f} s: caches on = {m_on / m_alone:.2f} x the frame alone (goal <= 1.10), "
+                  f"{m_off / m_on:.2f}x faster than caches off.", ""]
+    if {"chat, caches on", "chat, caches off"} <= ok.keys():
+        on, off = ok["chat, caches on"]["frames"], ok["chat, caches off"]["frames"]
+        lines += ["## Chat: time to first token per turn (s)", ""]
+        rows = [[i, a["prompt_tokens"], a["cached_tokens"], fmt(a["ttft_s"], "{:.3f}"), fmt(b["ttft_s"], "{:.3f}"),
+                 fmt(b["ttft_s"] / a["ttft_s"], "x{:.2f}")] for i, (a, b) in enumerate(zip(on, off))]
+        lines += report.table(["turn", "prompt tokens", "cached tokens", "caches on", "caches off", "speed-up"], rows)
+        later = [b["ttft_s"] / a["ttft_s"] for a, b in list(zip(on, off))[1:]]
+        if later:
+            lines += ["", f"From turn 1 on: {min(later):.2f}x to {max(later):.2f}x lower time to first token "
+                      "(goal >= 3x).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scheme", default="int4", choices=list(SCHEMES))
+    ap.add_argument("--config", choices=("qwen2vl-2b", "tiny"), default="qwen2vl-2b")
+    ap.add_argument("--frames", type=int, default=10)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--side", type=int, default=448, help="frame width and height in pixels")
+    ap.add_argument("--instruction-tokens", type=int, default=500)
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    harness.setup()
+    from qvl.bench.quant import ensure_quantized
+
+    base = fixtures.ensure_checkpoint(args.config)
+    kind = SCHEMES[args.scheme]
+    ckpt = base if kind is None else ensure_quantized(base, kind, 128 if args.config == "qwen2vl-2b" else 32)
+    probe.warm_page_cache(ckpt)
+    common = {"ckpt": str(ckpt), "max_seq_len": args.max_seq_len, "side": args.side, "frames": args.frames,
+              "turns": args.turns, "instruction_tokens": args.instruction_tokens}
+    runs = {
+        "loop, caches on": {"task": "loop", "caches": True, "instructions": True},
+        "loop, caches off": {"task": "loop", "caches": False, "instructions": True},
+        "frame alone": {"task": "loop", "caches": False, "instructions": False},
+        "chat, caches on": {"task": "chat", "caches": True, "instructions": False},
+        "chat, caches off": {"task": "chat", "caches": False, "instructions": False},
+    }
+    result = {"config": args.config, "scheme": args.scheme, "device": "cpu", "threads": probe.usable_cores(),
+              "machine": probe.machine_info(), "runs": {}, **{k: v for k, v in common.items() if k != "ckpt"}}
+    for name, extra in runs.items():
+        log.info("%s", name)
+        result["runs"][name] = harness.run(loop_worker, {**common, **extra}, timeout=args.timeout, label=name)
+    md = render(result)
+    report.write_outputs(result, md, pathlib.Path(args.out), f"loops-{args.config}-{args.scheme}")
+    print(md)
+    return 0 if all("error" not in r for r in result["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
