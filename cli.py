@@ -212,6 +212,9 @@ def add_load_options(sp) -> None:
     sp.add_argument("--quant-kernel", default=d.quant_kernel, choices=["auto", "qvl", "int4pack", "dequant"],
                     help="quantized checkpoints: the linears' path (auto: the fastest that runs here)")
     sp.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    sp.add_argument("--head", default=d.head, choices=["checkpoint", "int8", "int4"],
+                    help="the output head: the checkpoint's own, or quantized at load (a fifth fewer bytes a "
+                         "2B decode step reads)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,9 @@ Two layouts exist in the wild: the official releases put the text fields at top 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -165,3 +167,17 @@ class Qwen2VLConfig:
 
     def replace(self, **kw) -> "Qwen2VLConfig":
         return dataclasses.replace(self, **kw)
+
+
+def read_json_object(file: Path) -> dict:
+    """A checkpoint's JSON file as a dict; a ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {file}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ConfigError(f"{file} is not a JSON object: it holds {kind}")
+    return data

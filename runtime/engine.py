@@ -15,6 +15,7 @@ import torch
 from qvl.runtime.core import EngineCore
 from qvl.runtime.errors import PromptTooLongError, QueueFullError
 from qvl.runtime.fetch import FetchPolicy
+from qvl.runtime.head import check_head, quantize_head
 from qvl.runtime.inputs import InputLimits
 from qvl.runtime.loader import check_device, load_model, read_config, read_json_object
 from qvl.runtime.onnx_vision import OnnxVision
@@ -58,8 +59,10 @@ class Engine:
         if opts.vision_backend == "onnx":  # checked before the weights load: a wrong file fails fast
             merge = read_config(path)[0].vision.spatial_merge_size
             self.vision = OnnxVision.from_checkpoint(path, merge)
+        check_head(opts.head)
         self.model = load_model(path, dtype=opts.dtype, device=self.device, vision=self.vision is None,
                                 quant_kernel=opts.quant_kernel)
+        quantize_head(self.model, opts.head, opts.quant_kernel)
         self.dtype = self.model.embed_tokens.weight.dtype
         self.model.setup_caches(opts.max_batch, opts.max_seq_len, self.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(path)

@@ -7,14 +7,13 @@ safetensors, so no second copy of the weights exists while loading. Quantized de
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
 import torch
 
-from qvl.model.config import ConfigError, Qwen2VLConfig
+from qvl.model.config import ConfigError, Qwen2VLConfig, read_json_object
 from qvl.model.qwen2_vl import Qwen2VL
 from qvl.quant.config import QuantConfig
 from qvl.runtime.quantized import QuantizedLinears
@@ -75,20 +74,6 @@ def check_device(device) -> torch.device:
         except (RuntimeError, AssertionError, NotImplementedError) as e:
             raise DeviceError(f"device {device!r}: {str(e).splitlines()[0].split('. ')[0]}") from None
     return dev
-
-
-def read_json_object(file: Path) -> dict:
-    """A checkpoint's JSON file as a dict; a ConfigError naming the file when it is not one."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
-        raise ConfigError(f"{file} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {file}: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
-        raise ConfigError(f"{file} is not a JSON object: it holds {kind}")
-    return data
 
 
 def read_config(path: Path) -> tuple[Qwen2VLConfig, dict]:

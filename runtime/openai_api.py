@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qvl.model.config import read_json_object
 from qvl.runtime.media_policy import MediaPolicy
 
 
@@ -187,7 +188,7 @@ def generation_defaults(path) -> dict:
     defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
     f = Path(path) / "generation_config.json"
     if f.exists():
-        cfg = json.loads(f.read_text())
+        cfg = read_json_object(f)
         for k in defaults:
             if isinstance(cfg.get(k), (int, float)) and not isinstance(cfg.get(k), bool):
                 defaults[k] = cfg[k]

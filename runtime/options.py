@@ -34,6 +34,9 @@ class LoadOptions:
     ``max_image_pixels``, ``max_decode_pixels``, ``max_vision_tokens``: what one request's pictures
     may cost (``qvl.runtime.inputs.InputLimits``: the pixels an image may be resized to, the pixels
     a file may decode to, read from its header, and the vision tokens of a request).
+    ``head``: "checkpoint" (the artifact's own output head, exact), "int8" (8 bits per vocabulary
+    row) or "int4" (4 bits in groups of 128), made at load by rounding the checkpoint's head; a
+    2B decode step then reads a fifth fewer bytes (``qvl.runtime.head``).
     ``prefix_cache_mb``: KV of ended requests kept so a new prompt that begins the same way (the
     same instructions, a chat's earlier turns, the same pictures) prefills only what follows;
     ``vision_cache_mb``: vision-tower outputs kept per picture. Both least recently used out
@@ -55,6 +58,7 @@ class LoadOptions:
     max_image_pixels: int = 16384 * 28 * 28
     max_decode_pixels: int = 64_000_000
     max_vision_tokens: int | None = None
+    head: str = "checkpoint"
     prefix_cache_mb: float = 256.0
     vision_cache_mb: float = 64.0
 

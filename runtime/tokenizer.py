@@ -13,6 +13,8 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
+from qvl.model.config import read_json_object
+
 logger = logging.getLogger(__name__)
 
 # Token attributes transformers exposes to chat templates (its special_tokens_map), e.g. templates
@@ -53,7 +55,7 @@ def load_chat_template(path) -> tuple[str, str]:
             if file.is_file():
                 return file.read_text(encoding="utf-8"), name
         elif file.is_file():
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = read_json_object(file)
             if data.get("chat_template") is not None:
                 return _pick_template(data["chat_template"], str(file)), name
     raise FileNotFoundError(
@@ -178,7 +180,7 @@ class Tokenizer:
             raise FileNotFoundError(f"{tok_file} not found; qvl needs the fast-tokenizer file tokenizer.json")
         tok = _HFTokenizer.from_file(str(tok_file))
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config = read_json_object(config_file) if config_file.is_file() else {}
         special = {k: _token_content(config.get(k)) for k in _TEMPLATE_TOKEN_KEYS}
         try:
             template, source = load_chat_template(path)

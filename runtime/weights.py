@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from qvl.model.config import read_json_object
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -96,7 +98,9 @@ class Checkpoint:
         root = Path(root)
         index = root / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} has no 'weight_map' of tensor name -> file name")
             files = {f: SafetensorsFile(root / f) for f in sorted(set(weight_map.values()))}
             self.where = {}
             for f in files.values():
