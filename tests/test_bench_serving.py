@@ -7,7 +7,7 @@ from qvl.bench import serving
 
 def test_serving_bench_reports_each_stream_count(tmp_path):
     rc = serving.main(["--config", "tiny", "--schemes", "bf16", "--streams", "1,3", "--max-batch", "2",
-                       "--new-tokens", "4", "--out", str(tmp_path)])
+                       "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "serving.json").read_text())
     rows = result["engines"]["bf16"]["rows"]
