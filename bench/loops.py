@@ -2,13 +2,14 @@
 
 Run as ``python -m qvl.bench.loops [--scheme int4] [--frames 10] [--turns 5]``.
 
-Loop: the same ~500-token instructions and a new 448x448 camera frame each step, through
+Loop: the same ~500-token instructions and a new 224x224 camera frame each step, through
 ``engine.session(warm=True)``. With the caches on, a step should cost what the frame alone
 costs: the reference row runs each frame with no instructions at all (caches off), so it pays for
 the vision tower on the frame and the prefill of the frame's own tokens and nothing else.
-Chat: five turns re-sending the whole history, one picture in the first turn. Each row is a
-fresh process (:mod:`qvl.bench.harness`) on the benchmarks' random-weight Qwen2-VL-2B
-(:mod:`qvl.bench.fixtures`), int4 by default; answers are 16 tokens, eos ignored.
+Chat: five turns re-sending the whole history, one picture in the first turn. One fresh process
+(:mod:`qvl.bench.harness`) holds an engine with the caches and one without, their requests
+interleaved, on the benchmarks' random-weight Qwen2-VL-2B (:mod:`qvl.bench.fixtures`), int4 by
+default; answers are 16 tokens, eos ignored.
 """
 
 from __future__ import annotations
@@ -51,33 +52,38 @@ def _row(stats) -> dict:
 
 @harness.worker(memory=True)
 def loop_worker(spec: dict, res: dict) -> None:
+    """Both engines (caches on, caches off) in one process, their requests interleaved frame by
+    frame and turn by turn, so the host's changing speed falls on every row alike."""
     import qvl
 
-    caches = spec["caches"]
-    mb = {} if caches else {"prefix_cache_mb": 0, "vision_cache_mb": 0}
-    eng = qvl.load(spec["ckpt"], dtype="bfloat16", max_seq_len=spec["max_seq_len"], max_batch=1, **mb)
-    system = _instructions(eng.tokenizer, spec["instruction_tokens"]) if spec["instructions"] else None
+    engines = {caches: qvl.load(spec["ckpt"], dtype="bfloat16", max_seq_len=spec["max_seq_len"], max_batch=1,
+                                **({} if caches else {"prefix_cache_mb": 0, "vision_cache_mb": 0}))
+               for caches in (True, False)}
+    on, off = engines[True], engines[False]
+    system = _instructions(on.tokenizer, spec["instruction_tokens"])
     item = {"max_pixels": spec["side"] ** 2}
-    eng.generate([{"role": "user", "content": "Warm up."}], max_new_tokens=2)  # kernels built, pages touched
-    res["frames"] = []
-    if spec["task"] == "loop":
-        session = eng.session(system=system, warm=caches and system is not None, max_new_tokens=NEW_TOKENS,
-                              ignore_eos=True)
-        for i in range(spec["frames"]):
+    for e in engines.values():
+        e.generate([{"role": "user", "content": "Warm up."}], max_new_tokens=2)  # kernels built, pages touched
+    gen = {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+    sessions = {"loop, caches on": on.session(system=system, warm=True, **gen),
+                "loop, caches off": off.session(system=system, **gen),
+                "frame alone": off.session(**gen)}
+    res["runs"] = {name: [] for name in (*sessions, "chat, caches on", "chat, caches off")}
+    for i in range(spec["frames"]):
+        for name, session in sessions.items():
             session.ask(QUESTION, [{"image": _frame(i, spec["side"]), **item}])
-            res["frames"].append(_row(session.last_stats))
-            log.info("frame %d: TTFT %.3fs (vision %.3fs), %d of %d prompt tokens cached", i,
-                     session.last_stats.ttft_s, session.last_stats.vision_s, session.last_stats.cached_tokens,
-                     session.last_stats.prompt_tokens)
-    else:
-        chat = eng.session(history=True, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-        for turn in range(spec["turns"]):
+            res["runs"][name].append(_row(session.last_stats))
+        log.info("frame %d: TTFT %s", i, ", ".join(f"{k} {v[-1]['ttft_s']:.2f}s" for k, v in res["runs"].items()
+                                                 if v and k in sessions))
+    chats = {"chat, caches on": on.session(history=True, **gen), "chat, caches off": off.session(history=True, **gen)}
+    for turn in range(spec["turns"]):
+        for name, chat in chats.items():
             pictures = [{"image": _frame(0, spec["side"]), **item}] if turn == 0 else []
             chat.ask(f"Turn {turn}: what changed?" if turn else "Describe the scene.", pictures)
-            res["frames"].append(_row(chat.last_stats))
-            log.info("turn %d: TTFT %.3fs, %d of %d prompt tokens cached", turn, chat.last_stats.ttft_s,
-                     chat.last_stats.cached_tokens, chat.last_stats.prompt_tokens)
-    eng.close()
+            res["runs"][name].append(_row(chat.last_stats))
+        log.info("turn %d: TTFT %s", turn, ", ".join(f"{k} {res['runs'][k][-1]['ttft_s']:.2f}s" for k in chats))
+    for e in engines.values():
+        e.close()
 
 
 def _median_after_first(rows: list[dict], key: str = "ttft_s") -> float:
@@ -85,13 +91,15 @@ def _median_after_first(rows: list[dict], key: str = "ttft_s") -> float:
 
 
 def render(result: dict) -> str:
-    runs = result["runs"]
+    runs = {k: {"frames": v} for k, v in result["run"].get("runs", {}).items()}
+    if "error" in result["run"]:
+        runs = {"all": result["run"]}
     lines = [f"# Robot loops and chats: the prefix and vision caches ({result['config']} {result['scheme']}, "
              f"{result['device']})", "",
              f"{probe.cpu_model()}, {result['threads']} threads. Loop: {result['frames']} frames of "
              f"{result['side']}x{result['side']} under ~{result['instruction_tokens']} tokens of instructions; "
              f"chat: {result['turns']} turns re-sending the history, one picture in turn 0. {NEW_TOKENS} new tokens "
-             "a request. TTFT = submit -> first token. Each row is a fresh process.", ""]
+             "a request. TTFT = submit -> first token. One process, the engines' requests interleaved.", ""]
     if any("error" in r for r in runs.values()):
         lines += [f"- {k}: error {str(r['error'])[:200]}" for k, r in runs.items() if "error" in r] + [""]
     ok = {k: r for k, r in runs.items() if "error" not in r}
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=("qwen2vl-2b", "tiny"), default="qwen2vl-2b")
     ap.add_argument("--frames", type=int, default=10)
     ap.add_argument("--turns", type=int, default=5)
-    ap.add_argument("--side", type=int, default=448, help="frame width and height in pixels")
+    ap.add_argument("--side", type=int, default=224, help="frame width and height in pixels")
     ap.add_argument("--instruction-tokens", type=int, default=500)
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--timeout", type=float, default=3600.0)
@@ -138,24 +146,15 @@ def main(argv=None) -> int:
     kind = SCHEMES[args.scheme]
     ckpt = base if kind is None else ensure_quantized(base, kind, 128 if args.config == "qwen2vl-2b" else 32)
     probe.warm_page_cache(ckpt)
-    common = {"ckpt": str(ckpt), "max_seq_len": args.max_seq_len, "side": args.side, "frames": args.frames,
-              "turns": args.turns, "instruction_tokens": args.instruction_tokens}
-    runs = {
-        "loop, caches on": {"task": "loop", "caches": True, "instructions": True},
-        "loop, caches off": {"task": "loop", "caches": False, "instructions": True},
-        "frame alone": {"task": "loop", "caches": False, "instructions": False},
-        "chat, caches on": {"task": "chat", "caches": True, "instructions": False},
-        "chat, caches off": {"task": "chat", "caches": False, "instructions": False},
-    }
+    spec = {"ckpt": str(ckpt), "max_seq_len": args.max_seq_len, "side": args.side, "frames": args.frames,
+            "turns": args.turns, "instruction_tokens": args.instruction_tokens}
     result = {"config": args.config, "scheme": args.scheme, "device": "cpu", "threads": probe.usable_cores(),
-              "machine": probe.machine_info(), "runs": {}, **{k: v for k, v in common.items() if k != "ckpt"}}
-    for name, extra in runs.items():
-        log.info("%s", name)
-        result["runs"][name] = harness.run(loop_worker, {**common, **extra}, timeout=args.timeout, label=name)
+              "machine": probe.machine_info(), **{k: v for k, v in spec.items() if k != "ckpt"}}
+    result["run"] = harness.run(loop_worker, spec, timeout=args.timeout, label="loops")
     md = render(result)
     report.write_outputs(result, md, pathlib.Path(args.out), f"loops-{args.config}-{args.scheme}")
     print(md)
-    return 0 if all("error" not in r for r in result["runs"].values()) else 1
+    return 0 if "error" not in result["run"] else 1
 
 
 if __name__ == "__main__":
