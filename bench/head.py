@@ -89,7 +89,7 @@ def render(result: dict) -> str:
         base = r["step_ms"]["checkpoint"]
         for h in HEADS:
             q = r["quality"].get(h, {})
-            rows.append([name, h, fmt(r["head_mb"][h], "{:.0f}"), fmt(q.get("kl"), "{:.2e}") if q else "0 (reference)",
+            rows.append([name, h, fmt(r["head_mb"][h], "{:.1f}"), fmt(q.get("kl"), "{:.2e}") if q else "0 (reference)",
                          fmt(100 * q["top1"], "{:.2f}%") if q else "100%", fmt(r["step_ms"][h], "{:.1f}"),
                          fmt(base / r["step_ms"][h], "x{:.2f}")])
     lines += report.table(["model", "head", "head MB", "KL / token", "top-1 agree", "step ms", "speed vs checkpoint"],
