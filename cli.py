@@ -77,8 +77,11 @@ def _draw_answer_boxes(engine, image_path: str, text: str, out: str) -> None:
         print(f"box {b.label or '-'}: ({b.x1:.0f}, {b.y1:.0f}), ({b.x2:.0f}, {b.y2:.0f})", file=sys.stderr)
     path = Path(out)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    drawn.save(tmp)
-    tmp.replace(path)
+    try:
+        drawn.save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save leaves no half-written picture behind
     print(f"qvl run: {len(boxes)} boxes drawn on {path}", file=sys.stderr)
 
 

@@ -56,8 +56,8 @@ def head_worker(spec: dict, res: dict) -> None:
     # decode steps, interleaved: one token fed at a growing position, the same for every head
     runners = {h: e._core.runner for h, e in engines.items()}
     times = {h: [] for h in HEADS}
-    bytes_head = {h: (sum(b.numel() * b.element_size() for b in e.model.lm_head.buffers())
-                      if h != "checkpoint" else e.model.lm_head.weight.numel() * e.model.lm_head.weight.element_size())
+    bytes_head = {h: (e.model.lm_head.nbytes() if h != "checkpoint"  # QuantLinear: what its forward reads
+                      else e.model.lm_head.weight.numel() * e.model.lm_head.weight.element_size())
                   for h, e in engines.items()}
     with torch.inference_mode():
         for step in range(spec["steps"] + 2):

@@ -134,7 +134,8 @@ class ModelRunner:
         if encode:
             jobs.insert(0, ("image", encode, None, 0, 0, True))
         seq.work.update(ids=ids, embeds=self.model.embed_tokens(ids.to(self.device)),
-                        positions=positions.to(self.device), jobs=jobs, vis=vis, parts={}, spans=spans, spliced=False)
+                        positions=positions.to(self.device), jobs=jobs, vis=vis, parts={}, spans=spans, spliced=False,
+                        keyed=keyed)
 
     def prefill_step(self, seq: Sequence) -> torch.Tensor | None:
         """Run one prefill work item of ``seq``; the last one returns the logits [1, V] that
@@ -177,18 +178,18 @@ class ModelRunner:
             merge = self.model.cfg.vision.spatial_merge_size ** 2
             for (i, j), emb in zip(what, out.split([sizes[j] // merge for _, j in what])):
                 w["vis"][i] = emb
-                self._remember(req, i, emb)
+                self._remember(seq, i, emb)
         else:
             w["parts"].setdefault(what, []).append(encode_video_chunk(self.tower, video, t0, t1, self.device))
             if last:
                 w["vis"][what] = emb = torch.cat(w["parts"].pop(what))
-                self._remember(req, what, emb)
+                self._remember(seq, what, emb)
         sync(self.device)
         seq.stats.vision_s += time.perf_counter() - t
 
-    def _remember(self, req, i: int, emb: torch.Tensor) -> None:
-        if self.vision_cache is not None and len(req.vision_keys) == len(req.vision_grids):
-            self.vision_cache.put(req.vision_keys[i], emb)
+    def _remember(self, seq: Sequence, i: int, emb: torch.Tensor) -> None:
+        if self.vision_cache is not None and seq.work["keyed"]:
+            self.vision_cache.put(seq.request.vision_keys[i], emb)
 
     def retire(self, seq: Sequence) -> None:
         """Keep an ended request's KV rows in the prefix cache (its prompt and the answer tokens
