@@ -187,6 +187,47 @@ def _build_tiny(out: pathlib.Path, seed: int) -> None:
     write_tiny_checkpoint(out, weights="transformers", dtype="bfloat16", seed=seed)
 
 
+def full_vocab_view(ckpt: pathlib.Path) -> pathlib.Path:
+    """``ckpt`` with a tokenizer that has text for every id of its vocabulary; cached, atomic.
+
+    The random checkpoints carry the tiny test tokenizer (a few hundred ids) under a 151,936-row
+    head, so nearly every token they sample decodes to no text, and a streaming client sees its
+    first text only at the end. The view links every file but ``tokenizer.json``, whose missing
+    ids become plain words (`` w414``...) that no merge produces, so prompts tokenize as before.
+    """
+    ckpt = pathlib.Path(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    vocab_size = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+    final = cache_root() / f"{ckpt.name}-full-vocab"
+    marker = {"build_version": BUILD_VERSION, "source": str(ckpt.resolve()), "source_build": read_marker(ckpt),
+              "vocab_size": vocab_size}
+
+    def current(path: pathlib.Path) -> bool:
+        m = read_marker(path) or {}
+        return all(m.get(k) == v for k, v in marker.items())
+
+    def build(out: pathlib.Path) -> None:
+        for f in ckpt.iterdir():
+            if f.name not in ("tokenizer.json", BUILD_MARKER):
+                (out / f.name).symlink_to(f.resolve())
+        tok = json.loads((ckpt / "tokenizer.json").read_text())
+        vocab = tok["model"]["vocab"]
+        # tokenizers numbers added tokens from the model's vocabulary size up unless the model holds
+        # them too, so the special tokens keep their ids only if they are in the vocabulary as well
+        for a in tok.get("added_tokens", []):
+            vocab.setdefault(a["content"], a["id"])
+        taken = set(vocab.values())
+        for i in range(vocab_size):
+            if i not in taken:
+                key = f"\u0120w{i}"  # the byte-level alphabet's space, then a word
+                while key in vocab:
+                    key += "_"
+                vocab[key] = i
+        (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+
+    return build_cached(final, build, marker, current)
+
+
 def make_image(path: pathlib.Path, size: int = IMAGE_SIZE) -> pathlib.Path:
     """A deterministic synthetic picture (gradients, shapes, stripes) saved as PNG."""
     import numpy as np

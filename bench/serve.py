@@ -147,7 +147,7 @@ def summarize(rows: list[dict], wall: float, expected: int, new_tokens: int) -> 
     full = sum(1 for r in ok if r["tokens"] == new_tokens)
     pct = (lambda xs, q: _percentile(xs, q) if xs else None)
     return {"requests": expected, "finished": len(rows), "errors": len(rows) - len(ok), "full_answers": full,
-            "all_answered": full == expected, "tokens": tokens, "wall_s": wall,
+            "all_answered": full == expected, "ttft_seen": len(ttft), "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall if wall > 0 else 0.0, "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
             "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99),
             "error_samples": sorted({r["error"] for r in rows if r["error"]})[:5]}
@@ -201,6 +201,7 @@ def main(argv=None) -> int:
         from qvl.bench.quant import ensure_quantized
 
         ckpt, dtype = ensure_quantized(fixtures.ensure_checkpoint("qwen2vl-2b"), "gptq-int4", 128), "bfloat16"
+        ckpt = fixtures.full_vocab_view(ckpt)  # so the streamed chunks carry the tokens' text
     probe.warm_page_cache(ckpt)
     with tempfile.TemporaryDirectory(prefix="qvl-bench-serve-") as tmp:
         image = _image_uri(pathlib.Path(tmp)) if args.image else None
