@@ -70,7 +70,7 @@ def _draw_answer_boxes(engine, image_path: str, text: str, out: str) -> None:
 
     with Image.open(image_path) as im:
         im.load()
-        boxes = parse_boxes(text, im.size, model_type="qwen2_vl",
+        boxes = parse_boxes(text, im.size, model_type=engine.model.cfg.model_type,
                             resized_size=model_image_size(im.size, engine.processor))
         drawn = draw_boxes(im, boxes)
     for b in boxes:

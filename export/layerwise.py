@@ -144,7 +144,8 @@ def first_layer_inputs(lw: LayerwiseModel, samples: list[list[dict]], max_tokens
         ids = torch.tensor([req.ids])
         x, _ = embed_prompt(lw.model, lw.model.visual, ids, [req], cfg.image_token_id, cfg.video_token_id,
                             lw.device)
-        positions, _ = rope_index(ids, req.vision_grids, (cfg.image_token_id, cfg.video_token_id), merge)
+        positions, _ = rope_index(ids, req.vision_grids, (cfg.image_token_id, cfg.video_token_id), merge,
+                                  seconds=req.vision_seconds, tokens_per_second=cfg.tokens_per_second)
         out.append(LayerInput(x.float(), positions.to(lw.device)))
         if (i + 1) % 16 == 0:
             log.info("calibration inputs: %d/%d samples", i + 1, len(samples))

@@ -1,8 +1,12 @@
-"""Typed configs for Qwen2-VL, built from a checkpoint's config.json.
+"""Typed configs for Qwen2-VL and Qwen2.5-VL, built from a checkpoint's config.json.
 
 Two layouts exist in the wild: the official releases put the text fields at top level with
 ``rope_scaling.mrope_section``; transformers 5 nests them under ``text_config`` with
 ``rope_parameters``. ``from_hf`` reads both, ignores unknown keys and names what is missing.
+
+``model_type`` picks how ``vision_config`` reads. Its ``hidden_size`` means different things:
+Qwen2-VL's is the merger's output (the text width) and its tower width is ``embed_dim``;
+Qwen2.5-VL's is the tower width, with the output in ``out_hidden_size``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ def _need(d: dict, key: str, where: str):
     return d[key]
 
 
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     depth: int
@@ -36,6 +43,13 @@ class VisionConfig:
     spatial_merge_size: int = 2
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
+    # "qwen2_vl": LayerNorm, quick_gelu MLP, full attention per frame. "qwen2_5_vl": RMSNorm, gated
+    # SiLU MLP of ``intermediate_size``, window attention except in ``fullatt_block_indexes``
+    variant: str = "qwen2_vl"
+    intermediate_size: int = 0
+    window_size: int = 0  # pixels per window side
+    fullatt_block_indexes: tuple[int, ...] = ()
+    tokens_per_second: float = 0.0  # M-RoPE temporal ids per second of video
 
     @property
     def head_dim(self) -> int:
@@ -45,17 +59,43 @@ class VisionConfig:
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
+    @property
+    def windowed(self) -> bool:
+        return self.variant == "qwen2_5_vl"
+
+    @property
+    def window_units(self) -> int:
+        """Window side in merged tokens (merge x merge patch blocks)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
     @classmethod
-    def from_hf(cls, d: dict) -> "VisionConfig":
+    def from_hf(cls, d: dict, model_type: str = "qwen2_vl") -> "VisionConfig":
         w = "vision_config."
-        kw = dict(
-            depth=_need(d, "depth", w),
-            embed_dim=_need(d, "embed_dim", w),
-            num_heads=_need(d, "num_heads", w),
-            hidden_size=_need(d, "hidden_size", w),
-        )
-        for f in ("mlp_ratio", "in_channels", "patch_size", "temporal_patch_size",
-                  "spatial_merge_size", "hidden_act"):
+        if model_type == "qwen2_5_vl":
+            kw = dict(
+                depth=_need(d, "depth", w),
+                embed_dim=_need(d, "hidden_size", w),
+                num_heads=_need(d, "num_heads", w),
+                hidden_size=_need(d, "out_hidden_size", w),
+                intermediate_size=int(_need(d, "intermediate_size", w)),
+                window_size=int(_need(d, "window_size", w)),
+                fullatt_block_indexes=tuple(int(i) for i in _need(d, "fullatt_block_indexes", w)),
+                # transformers' class default; every release sets it (2)
+                tokens_per_second=float(d.get("tokens_per_second", 4)),
+                hidden_act="silu",
+                variant="qwen2_5_vl",
+            )
+            fields = ("in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size", "hidden_act")
+        else:
+            kw = dict(
+                depth=_need(d, "depth", w),
+                embed_dim=_need(d, "embed_dim", w),
+                num_heads=_need(d, "num_heads", w),
+                hidden_size=_need(d, "hidden_size", w),
+            )
+            fields = ("mlp_ratio", "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
+                      "hidden_act")
+        for f in fields:
             if d.get(f) is not None:
                 kw[f] = d[f]
         # older configs spell it in_chans
@@ -68,8 +108,18 @@ class VisionConfig:
         if cfg.embed_dim % cfg.num_heads or cfg.head_dim % 4:
             raise ConfigError(f"vision embed_dim {cfg.embed_dim} / num_heads {cfg.num_heads} "
                               "must give a head_dim divisible by 4 (2D rotary)")
-        if cfg.hidden_act != "quick_gelu":
-            raise ConfigError(f"vision hidden_act {cfg.hidden_act!r} unsupported (Qwen2-VL uses quick_gelu)")
+        want = "silu" if cfg.windowed else "quick_gelu"
+        if cfg.hidden_act != want:
+            raise ConfigError(f"vision hidden_act {cfg.hidden_act!r} unsupported ({model_type} uses {want})")
+        if cfg.windowed:
+            if cfg.window_units < 1 or cfg.window_size % (cfg.patch_size * cfg.spatial_merge_size):
+                raise ConfigError(f"vision window_size {cfg.window_size} must be a positive multiple of "
+                                  f"patch_size * spatial_merge_size = {cfg.patch_size * cfg.spatial_merge_size}")
+            bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
+            if bad:
+                raise ConfigError(f"vision fullatt_block_indexes {bad} outside the {cfg.depth} blocks")
+            if cfg.tokens_per_second <= 0:
+                raise ConfigError(f"vision tokens_per_second must be positive, got {cfg.tokens_per_second}")
         return cfg
 
 
@@ -137,12 +187,18 @@ class Qwen2VLConfig:
     vision_end_token_id: int
     tie_word_embeddings: bool = False
     quantization: dict | None = None  # raw quantization_config, interpreted by the loader
+    model_type: str = "qwen2_vl"
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """M-RoPE temporal ids per second of video; None where time is not scaled (Qwen2-VL)."""
+        return self.vision.tokens_per_second if self.model_type == "qwen2_5_vl" else None
 
     @classmethod
     def from_hf(cls, d: dict) -> "Qwen2VLConfig":
-        mt = d.get("model_type")
-        if mt is not None and mt != "qwen2_vl":
-            raise ConfigError(f"config.json model_type is {mt!r}, expected 'qwen2_vl'")
+        mt = d.get("model_type") or "qwen2_vl"  # configs older than the field are Qwen2-VL
+        if mt not in MODEL_TYPES:
+            raise ConfigError(f"config.json model_type is {mt!r}, expected one of {list(MODEL_TYPES)}")
         if "text_config" in d and isinstance(d["text_config"], dict) and "hidden_size" in d["text_config"]:
             text_d, where = dict(d["text_config"]), "text_config."
             # rope settings may sit on either level in transitional configs
@@ -152,9 +208,10 @@ class Qwen2VLConfig:
         else:
             text_d, where = d, ""
         text = TextConfig.from_hf(text_d, where)
-        vision = VisionConfig.from_hf(_need(d, "vision_config", ""))
+        vision = VisionConfig.from_hf(_need(d, "vision_config", ""), mt)
         if vision.hidden_size != text.hidden_size:
-            raise ConfigError(f"vision_config.hidden_size {vision.hidden_size} != text hidden_size "
+            key = "out_hidden_size" if vision.windowed else "hidden_size"
+            raise ConfigError(f"vision_config.{key} {vision.hidden_size} != text hidden_size "
                               f"{text.hidden_size}")
         tie = d.get("tie_word_embeddings")
         if tie is None:
@@ -163,7 +220,7 @@ class Qwen2VLConfig:
         for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             ids[k] = int(_need(d, k, ""))
         return cls(text=text, vision=vision, tie_word_embeddings=bool(tie),
-                   quantization=d.get("quantization_config"), **ids)
+                   quantization=d.get("quantization_config"), model_type=mt, **ids)
 
     def replace(self, **kw) -> "Qwen2VLConfig":
         return dataclasses.replace(self, **kw)

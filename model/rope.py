@@ -9,6 +9,12 @@ Videos follow transformers 5.x, the reference here: the temporal id of frame pai
 ``offset + k`` and the text resumes at ``offset + max(h, w) / merge`` whatever t is, so for a
 video with more frame pairs than that, the following text reuses temporal ids of the video.
 The original Qwen2-VL code (transformers 4.x) resumed at ``offset + max(t, h/merge, w/merge)``.
+
+Qwen2.5-VL ties video time to seconds: frame pair k gets ``offset + int(k * tokens_per_second *
+second_per_grid_t)``, where ``second_per_grid_t`` = temporal_patch_size / sampled fps, so the
+same frames sampled at another rate get other ids. The product is taken in float32 and truncated,
+as the reference does (the processor hands it float32 tensors): in float64, 3 * (2 * (2/3)) falls
+just under 4 and would truncate to 3. Images and Qwen2-VL videos advance by 1 per frame pair.
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ def rope_index(
     vision_token_ids: tuple[int, ...],
     merge: int,
     attention_mask: torch.Tensor | None = None,
+    seconds: list[float | None] | None = None,
+    tokens_per_second: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE position ids for a (left-padded) batch.
 
     input_ids [B, T]; ``grids`` lists (t, h, w) of every image/video in batch order (the
     order their pad-token runs appear); a run of consecutive ``vision_token_ids`` consumes
     one grid and must hold t*h*w/merge**2 tokens. Padding (mask 0) gets position 0.
+    ``seconds`` (aligned with ``grids``): each video's seconds per frame pair, None for
+    images; with ``tokens_per_second`` (Qwen2.5-VL) video time ids follow them, without it
+    (Qwen2-VL) they are ignored.
     Returns positions [3, B, T] int64 and ``rope_delta`` [B] such that the position of the
     token at padded index i >= T is ``i + rope_delta`` on all three axes.
     """
@@ -43,7 +54,9 @@ def rope_index(
     positions = torch.zeros(3, bsz, seqlen, dtype=torch.int64)
     deltas = torch.zeros(bsz, dtype=torch.int64)
     is_vis = torch.isin(input_ids, torch.tensor(vision_token_ids, dtype=input_ids.dtype))
-    grid_iter = iter(grids)
+    if seconds is not None and len(seconds) != len(grids):
+        raise ValueError(f"{len(seconds)} seconds-per-grid values for {len(grids)} grids")
+    grid_iter = iter(zip(grids, seconds if seconds is not None else [None] * len(grids)))
     for b in range(bsz):
         keep = attention_mask[b].bool()
         vis = is_vis[b][keep].tolist()
@@ -56,14 +69,18 @@ def rope_index(
                 while j < n and vis[j] and ids[j] == ids[i]:
                     j += 1
                 try:
-                    t, h, w = next(grid_iter)
+                    (t, h, w), sec = next(grid_iter)
                 except StopIteration:
                     raise ValueError("more image/video placeholder runs in the prompt than grids") from None
                 gh, gw = h // merge, w // merge
                 if j - i != t * gh * gw:
                     raise ValueError(f"placeholder run of {j - i} tokens does not match grid {(t, h, w)} "
                                      f"({t * gh * gw} tokens)")
-                tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw)
+                tt = torch.arange(t)
+                if sec is not None and tokens_per_second is not None:
+                    step = torch.tensor(tokens_per_second, dtype=torch.float32) * torch.tensor(sec, dtype=torch.float32)
+                    tt = (tt * step).long()
+                tt = tt.view(t, 1, 1).expand(t, gh, gw)
                 hh = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw)
                 ww = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw)
                 chunks.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)

@@ -1,8 +1,19 @@
-"""Qwen2-VL vision tower: Conv3d patch embed, 2D rotary, block-diagonal attention, patch merger.
+"""Qwen2-VL / Qwen2.5-VL vision tower: Conv3d patch embed, 2D rotary, block-diagonal attention,
+patch merger.
 
-Pure math. Host-side bookkeeping (rotary ids, per-image sequence boundaries) comes from
-``vision_positions(grid_thw)`` so an exporter can feed the same inputs to an ONNX graph.
-Reference: transformers ``modeling_qwen2_vl.py`` (Qwen2VisionTransformerPretrainedModel).
+Pure math. Host-side bookkeeping (rotary ids, per-image sequence boundaries, the window order)
+comes from ``vision_positions(grid_thw)`` and ``window_index(grid_thw)``, so an exporter can feed
+the same inputs to an ONNX graph.
+
+The Qwen2.5-VL variant (``cfg.windowed``) differs in three places: RMSNorm and a gated SiLU MLP in
+each block, an RMSNorm in the merger, and window attention. For the windows, merge blocks are
+reordered window by window (``window_index``) before the first block; every block then attends
+inside one window, except ``fullatt_block_indexes``, which attend inside one frame (a frame's
+windows stay in its own patch range, so frame boundaries hold in either order); the merger's
+output is put back in raster order.
+References: transformers ``modeling_qwen2_vl.py`` (Qwen2VisionTransformerPretrainedModel),
+``modeling_qwen2_5_vl.py`` (Qwen2_5_VisionTransformerPretrainedModel) and
+``vision_utils.get_vision_window_index``.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvl.model.config import VisionConfig
+from qvl.model.decoder import RMSNorm
 from qvl.model.rope import rotate_half
 
 
@@ -34,6 +46,35 @@ def vision_positions(grid_thw: torch.Tensor, merge: int) -> tuple[torch.Tensor, 
         lens += [h * w] * t
     cu = F.pad(torch.tensor(lens, dtype=torch.int64).cumsum(0), (1, 0))
     return torch.cat(pos), cu
+
+
+def window_index(grid_thw: torch.Tensor, merge: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window order of the merge blocks and the windows' boundaries, from ``grid_thw`` [n, 3].
+
+    Each frame's ``h/merge x w/merge`` grid of merge blocks is cut into ``window x window``
+    squares (smaller at the right and bottom edges), visited row-major, frame by frame.
+    Returns ``index`` [n_patches / merge**2] int64 (the raster position of the block taking each
+    place) and ``cu_windows`` [n_windows + 1] int64, cumulative patch counts of the windows.
+    """
+    index, lens, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        for _ in range(t):
+            for r in range(0, gh, window):
+                for c in range(0, gw, window):
+                    rows = torch.arange(r, min(r + window, gh))
+                    cols = torch.arange(c, min(c + window, gw))
+                    index.append((rows[:, None] * gw + cols).reshape(-1) + offset)
+                    lens.append(len(rows) * len(cols) * merge * merge)
+            offset += gh * gw
+    cu = F.pad(torch.tensor(lens, dtype=torch.int64).cumsum(0), (1, 0))
+    return torch.cat(index), cu
+
+
+def to_windows(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rows of ``x`` [N, ...] moved, ``unit`` consecutive rows (one merge block) at a time, into
+    window order: block i of the result is block ``index[i]`` of ``x``."""
+    return x.view(-1, unit, *x.shape[1:])[index].flatten(0, 1)  # [N/u, u, ...] -> [N, ...]
 
 
 class VisionRotary(nn.Module):
@@ -70,16 +111,41 @@ class VisionAttention(nn.Module):
         # back to the math path, 3-9x slower at vision sizes (torch 2.13)
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
         if mask is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0]
         elif len(cu_seqlens) == 2:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v)[0]
         else:
-            # one frame per chunk: no [N, N] mask, memory stays linear in the number of frames
-            out = torch.cat([
-                F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
-                for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])
-            ], dim=2)
-        return self.proj(out[0].transpose(0, 1).reshape(n, -1))  # [H, N, Dh] -> [N, H * Dh]
+            out = segment_attention(q[0], k[0], v[0], cu_seqlens)
+        return self.proj(out.transpose(0, 1).reshape(n, -1))  # [H, N, Dh] -> [N, H * Dh]
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int]) -> torch.Tensor:
+    """Attention inside each patch range [cu[i], cu[i+1]) of q, k, v [H, N, Dh] -> [H, N, Dh].
+
+    No [N, N] mask: memory stays linear in the number of segments. Segments of one length (a
+    video's frames, a picture's full windows) run as one batched call [n, H, L, Dh]; one call per
+    segment would cost a dispatch per 64-patch window, dozens per block at 1000 px.
+    """
+    heads, _, dh = q.shape
+    by_len: dict[int, list[int]] = {}
+    for a, b in zip(cu[:-1], cu[1:]):
+        by_len.setdefault(b - a, []).append(a)
+    out = torch.empty_like(q) if len(by_len) > 1 else None
+    for length, starts in by_len.items():
+        n = len(starts)
+        if out is None:  # every segment this long, back to back: a view, no copies
+            qs, ks, vs = (t.view(heads, n, length, dh).transpose(0, 1) for t in (q, k, v))
+            return F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1).reshape(heads, -1, dh)
+        if n == 1:
+            a = starts[0]
+            out[:, a:a + length] = F.scaled_dot_product_attention(q[None, :, a:a + length], k[None, :, a:a + length],
+                                                                  v[None, :, a:a + length])[0]
+            continue
+        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).view(-1)
+        # [H, n*L, Dh] -> [n, H, L, Dh]
+        qs, ks, vs = (t[:, idx].view(heads, n, length, dh).transpose(0, 1) for t in (q, k, v))
+        out[:, idx] = F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1).reshape(heads, -1, dh)
+    return out
 
 
 class VisionMLP(nn.Module):
@@ -93,13 +159,33 @@ class VisionMLP(nn.Module):
         return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
 
 
+class VisionGatedMLP(nn.Module):
+    """Qwen2.5-VL's block MLP: down(silu(gate(x)) * up(x)), every projection with a bias."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _norm(cfg: VisionConfig) -> nn.Module:
+    return RMSNorm(cfg.embed_dim, 1e-6) if cfg.windowed else nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm1 = _norm(cfg)
+        self.norm2 = _norm(cfg)
         self.attn = VisionAttention(cfg.embed_dim, cfg.num_heads)
-        self.mlp = VisionMLP(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+        if cfg.windowed:
+            self.mlp = VisionGatedMLP(cfg.embed_dim, cfg.intermediate_size)
+        else:
+            self.mlp = VisionMLP(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
 
     def forward(self, x, cos, sin, cu_seqlens, mask=None):
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, mask)
@@ -110,7 +196,7 @@ class PatchMerger(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.width = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.ln_q = _norm(cfg)
         self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(), nn.Linear(self.width, cfg.hidden_size))
 
     def forward(self, x):
@@ -132,12 +218,16 @@ class VisionTower(nn.Module):
         return self.patch_embed.weight.dtype
 
     def forward(self, pixel_values: torch.Tensor, pos_hw: torch.Tensor, cu_seqlens: list[int] | None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, windows: torch.Tensor | None = None,
+                cu_windows: list[int] | None = None, window_mask: torch.Tensor | None = None) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] -> merged embeddings [N / merge**2, hidden_size].
 
         Attention stays inside one frame: eager callers give the frame boundaries ``cu_seqlens``
         (per-frame SDPA, memory linear in the frame count); a traced graph, where boundaries are
         data rather than Python ints, gives ``mask`` [N, N] instead (bool, True = attend, or additive).
+        The windowed variant also takes ``windows`` (``window_index``) and, in the same two forms,
+        the window boundaries ``cu_windows`` or ``window_mask``; boundaries and masks are in
+        window order, as the blocks see the patches.
         """
         c = self.cfg
         x = pixel_values.to(self.dtype).view(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
@@ -145,10 +235,27 @@ class VisionTower(nn.Module):
         w = self.patch_embed.weight.view(c.embed_dim, -1)
         x = x.flatten(1) @ w.t()  # [N, E]
         cos, sin = self.rotary(pos_hw)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, cu_seqlens, mask)
-        return self.merger(x)
+        if c.windowed:
+            if windows is None:
+                raise ValueError("the Qwen2.5-VL tower needs the window order (window_index)")
+            unit = c.spatial_merge_size**2
+            x, cos, sin = (to_windows(t, windows, unit) for t in (x, cos, sin))
+        for i, blk in enumerate(self.blocks):
+            if c.windowed and i not in c.fullatt_block_indexes:
+                x = blk(x, cos, sin, cu_windows, window_mask)
+            else:
+                x = blk(x, cos, sin, cu_seqlens, mask)
+        out = self.merger(x)
+        if c.windowed:
+            # back to raster order: the block at window place i is raster block windows[i]
+            out = torch.zeros_like(out).index_copy(0, windows, out)
+        return out
 
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        pos_hw, cu = vision_positions(grid_thw, self.cfg.spatial_merge_size)
-        return self(pixel_values, pos_hw.to(pixel_values.device), cu.tolist())
+        c = self.cfg
+        pos_hw, cu = vision_positions(grid_thw, c.spatial_merge_size)
+        dev = pixel_values.device
+        if not c.windowed:
+            return self(pixel_values, pos_hw.to(dev), cu.tolist())
+        windows, cu_windows = window_index(grid_thw, c.spatial_merge_size, c.window_units)
+        return self(pixel_values, pos_hw.to(dev), cu.tolist(), windows=windows.to(dev), cu_windows=cu_windows.tolist())

@@ -36,10 +36,14 @@ class Request:
     videos: list[VideoPatches] = field(default_factory=list)
     vision_grids: list[tuple[int, int, int]] | None = None  # images and videos in prompt order
     vision_keys: list[bytes] = field(default_factory=list)  # their content digests, in the same order
+    # seconds per temporal patch of each item in vision_grids (None for images): video time ids
+    vision_seconds: list[float | None] | None = None
 
     def __post_init__(self):
         if self.vision_grids is None:
             self.vision_grids = list(self.grids)
+        if self.vision_seconds is None:
+            self.vision_seconds = [None] * len(self.vision_grids)
 
 
 def _check_vision_budget(tokens: int, limits: InputLimits) -> None:
@@ -82,7 +86,10 @@ def build_request(messages, tokenizer: Tokenizer, processor: ImageProcessor, mer
     videos = []
     if video_items:
         video_processor = video_processor or VideoProcessor()
-        videos = [video_processor.prepare(fetch_video(it, patch, policy).frames) for it in video_items]
+        videos = []
+        for it in video_items:
+            video = fetch_video(it, patch, policy)
+            videos.append(video_processor.prepare(video.frames, video.sample_fps))
     if videos:
         _check_vision_budget(sum(t * h * w for t, h, w in grids) // merge**2
                              + sum(v.grid[0] * v.grid[1] * v.grid[2] for v in videos) // merge**2, limits)
@@ -91,16 +98,21 @@ def build_request(messages, tokenizer: Tokenizer, processor: ImageProcessor, mer
     if kinds != [kind for kind, _ in items]:
         raise ValueError(f"the chat template produced placeholders {kinds} for vision items "
                          f"{[kind for kind, _ in items]}")
-    image_keys, video_keys = iter(_image_digests(pixel_values, grids)), iter(digest(v.frames, v.grid) for v in videos)
+    # a video's key holds its sampling rate: Qwen2.5-VL's time ids, so the KV a prefix-cache hit
+    # would reuse, depend on it
+    image_keys = iter(_image_digests(pixel_values, grids))
+    video_keys = iter(digest(v.frames, v.grid, v.fps) for v in videos)
     image_grids, video_grids = iter(grids), iter(v.grid for v in videos)
-    expanded, vision_grids, vision_keys = [parts[0]], [], []
+    video_seconds = iter(v.seconds_per_grid for v in videos)
+    expanded, vision_grids, vision_keys, vision_seconds = [parts[0]], [], [], []
     for pad, rest in zip(parts[1::2], parts[2::2]):
         t, h, w = next(image_grids if pad == IMAGE_PAD else video_grids)
         vision_grids.append((t, h, w))
+        vision_seconds.append(None if pad == IMAGE_PAD else next(video_seconds))
         vision_keys.append(next(image_keys if pad == IMAGE_PAD else video_keys))
         expanded += [pad * (t * h * w // merge**2), rest]
     return Request(ids=tokenizer.encode("".join(expanded)), pixel_values=pixel_values, grids=grids, text=text,
-                   videos=videos, vision_grids=vision_grids, vision_keys=vision_keys)
+                   videos=videos, vision_grids=vision_grids, vision_keys=vision_keys, vision_seconds=vision_seconds)
 
 
 def _image_digests(pixel_values: torch.Tensor | None, grids: list[tuple[int, int, int]]) -> list[bytes]:

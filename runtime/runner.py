@@ -95,8 +95,10 @@ class ModelRunner:
         with a prefix cache hit, the shared rows are copied into the slot and prefill starts after."""
         req = seq.request
         ids = torch.tensor([req.ids])
+        cfg = self.model.cfg
         positions, delta = rope_index(ids, req.vision_grids, (self.image_token_id, self.video_token_id),
-                                      self.model.cfg.vision.spatial_merge_size)
+                                      cfg.vision.spatial_merge_size, seconds=req.vision_seconds,
+                                      tokens_per_second=cfg.tokens_per_second)
         seq.delta = int(delta[0])
         spans = vision_spans(req.ids, self.image_token_id, self.video_token_id)
         if len(spans) != len(req.vision_grids):

@@ -377,7 +377,12 @@ def fetch_video(item: dict, image_patch_size: int = 14, policy: FetchPolicy | No
     nframes = _ceil(len(images), FRAME_FACTOR)
     images += [images[-1]] * (nframes - len(images))
     sample_fps = float(item.get("sample_fps", 2.0))
+    raw_fps = float(item.get("raw_fps", sample_fps))
+    # the rate transformers reads from qwen-vl-utils' metadata for frame lists (frames_indices over
+    # total_num_frames = nframes / sample_fps * raw_fps, times raw_fps), to the last bit: Qwen2.5-VL's
+    # time ids follow it
+    sample_fps = nframes / (nframes / sample_fps * raw_fps) * raw_fps
     arrays = (np.asarray(im) for im in images)
     video = _resize_stream(arrays, nframes, item, factor, "frames")
-    return Video(video, sample_fps, list(range(nframes)), nframes, float(item.get("raw_fps", sample_fps)), "frames")
+    return Video(video, sample_fps, list(range(nframes)), nframes, raw_fps, "frames")
 

@@ -24,6 +24,8 @@ from qvl.runtime.processor import ImageProcessorConfig, _read_json, smart_resize
 
 logger = logging.getLogger(__name__)
 
+# qwen-vl-utils' sampling rate (its FPS); the rate assumed for frames given without one
+DEFAULT_FPS = 2.0
 # transformers' Qwen2VLVideoProcessor.size when a checkpoint sets no pixel limits
 VIDEO_DEFAULT_MIN_PIXELS = 128 * 28 * 28
 VIDEO_DEFAULT_MAX_PIXELS = 768 * 28 * 28
@@ -63,6 +65,12 @@ class VideoPatches:
     frames: torch.Tensor
     grid: tuple[int, int, int]  # (t, h, w) in patches; t = frame pairs
     processor: "VideoProcessor"
+    fps: float = DEFAULT_FPS  # the rate the frames were sampled at
+
+    @property
+    def seconds_per_grid(self) -> float:
+        """Seconds one temporal patch spans (Qwen2.5-VL's ``second_per_grid_ts``)."""
+        return self.processor.cfg.temporal_patch_size / self.fps
 
     def __len__(self) -> int:
         t, h, w = self.grid
@@ -92,9 +100,12 @@ class VideoProcessor:
             return height, width
         return smart_resize(height, width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
 
-    def prepare(self, frames: torch.Tensor) -> VideoPatches:
-        """frames uint8 or float [T, C, H, W] (RGB) -> VideoPatches; nothing is normalized yet."""
+    def prepare(self, frames: torch.Tensor, fps: float = DEFAULT_FPS) -> VideoPatches:
+        """frames uint8 or float [T, C, H, W] (RGB), sampled at ``fps`` -> VideoPatches; nothing
+        is normalized yet."""
         c = self.cfg
+        if not fps > 0:
+            raise ValueError(f"video fps must be positive, got {fps}")
         if frames.ndim != 4 or frames.shape[1] not in (1, 3) or frames.shape[0] < 1:
             raise ValueError(f"video frames must be [T, 3, H, W], got {tuple(frames.shape)}")
         if frames.shape[1] == 1:
@@ -111,7 +122,7 @@ class VideoProcessor:
         if h % f or w % f:
             raise ValueError(f"video frame size {h}x{w} is not a multiple of {f}; enable do_resize")
         t = -(-frames.shape[0] // c.temporal_patch_size)
-        return VideoPatches(frames, (t, h // c.patch_size, w // c.patch_size), self)
+        return VideoPatches(frames, (t, h // c.patch_size, w // c.patch_size), self, float(fps))
 
     def patchify(self, frames: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
         c = self.cfg

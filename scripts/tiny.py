@@ -1,8 +1,8 @@
-"""Build tiny Qwen2-VL checkpoints for tests and demos.
+"""Build tiny Qwen2-VL and Qwen2.5-VL checkpoints for tests and demos.
 
-The checkpoints mimic the official Qwen2-VL-Instruct release file by file (config layouts, key
-names, tokenizer files, chat template) at toy sizes, so code paths that read real checkpoints are
-exercised without downloading anything. The default ``weights="random"`` path needs only torch,
+The checkpoints mimic the official Qwen2-VL-Instruct / Qwen2.5-VL-Instruct releases file by file
+(config layouts, key names, tokenizer files, chat template) at toy sizes, so code paths that read
+real checkpoints are exercised without downloading anything. The default ``weights="random"`` path needs only torch,
 safetensors and tokenizers; ``weights="transformers"`` imports transformers to produce weights
 that a reference model can be compared against.
 """
@@ -160,6 +160,44 @@ VISION_DIMS = dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=4, patch_size=1
                    temporal_patch_size=2, spatial_merge_size=2, in_chans=3)
 
 
+# Qwen2.5-VL's tower at toy size. A window of 56 px is 2x2 merged tokens, smaller than any test
+# picture, so windows matter; block 1 attends over whole frames between windowed blocks 0, 2, 3.
+# intermediate_size is not a multiple of the width, as 3420 is not of 1280 in the releases.
+VISION_DIMS_25 = dict(depth=4, embed_dim=32, num_heads=4, intermediate_size=48, patch_size=14,
+                      temporal_patch_size=2, spatial_merge_size=2, in_chans=3, window_size=56,
+                      fullatt_block_indexes=[1], tokens_per_second=2)
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+_ARCH = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+_PROCESSOR = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def _vision_config(v: dict, text_hidden: int, model_type: str, layout: str) -> dict:
+    """vision_config as the official release (``flat``) or transformers 5 (``nested``) writes it."""
+    flat = layout == "flat"
+    chans = {"in_chans": v["in_chans"]} if flat else {"in_channels": v["in_chans"]}
+    if model_type == "qwen2_vl":
+        out = {"depth": v["depth"], "embed_dim": v["embed_dim"], "mlp_ratio": v["mlp_ratio"],
+               "num_heads": v["num_heads"], **chans, "hidden_size": text_hidden}
+        if not flat:
+            out.update(hidden_act="quick_gelu", model_type="qwen2_vl_vision")
+    else:
+        # Mirrors Qwen/Qwen2.5-VL-3B-Instruct's vision_config: hidden_size is the tower's width
+        out = {"depth": v["depth"], "hidden_act": "silu", "hidden_size": v["embed_dim"],
+               "intermediate_size": v["intermediate_size"], "num_heads": v["num_heads"], **chans,
+               "out_hidden_size": text_hidden, "window_size": v["window_size"],
+               "fullatt_block_indexes": list(v["fullatt_block_indexes"]),
+               "tokens_per_second": v["tokens_per_second"]}
+        if not flat:
+            out["model_type"] = "qwen2_5_vl_vision"
+    out.update(patch_size=v["patch_size"], spatial_merge_size=v["spatial_merge_size"],
+               temporal_patch_size=v["temporal_patch_size"])
+    if flat:
+        out["spatial_patch_size"] = v["patch_size"]
+    else:
+        out.update(initializer_range=0.02, rope_parameters={"rope_theta": 10000.0, "rope_type": "axial"})
+    return out
+
+
 def _padded_vocab(n: int) -> int:
     # Real Qwen configs pad the embedding past the tokenizer (151936 vs 151665); keep a gap here too.
     return -(-(n + 1) // 64) * 64
@@ -167,13 +205,17 @@ def _padded_vocab(n: int) -> int:
 
 def make_config(ids: dict[str, int], vocab_size: int, *, tie_word_embeddings: bool = False,
                 mrope_section=(2, 3, 3), layout: str = "flat", dtype: str = "float32",
-                text_dims: dict | None = None, vision_dims: dict | None = None) -> dict:
+                text_dims: dict | None = None, vision_dims: dict | None = None,
+                model_type: str = "qwen2_vl") -> dict:
     """config.json contents in the official flat layout or the transformers-5 nested layout.
 
-    ``text_dims`` / ``vision_dims`` override entries of ``TEXT_DIMS`` / ``VISION_DIMS``.
+    ``text_dims`` / ``vision_dims`` override entries of ``TEXT_DIMS`` / ``VISION_DIMS``
+    (``VISION_DIMS_25`` for ``model_type="qwen2_5_vl"``).
     """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {MODEL_TYPES}")
     t = {**TEXT_DIMS, **(text_dims or {})}
-    v = {**VISION_DIMS, **(vision_dims or {})}
+    v = {**(VISION_DIMS if model_type == "qwen2_vl" else VISION_DIMS_25), **(vision_dims or {})}
     if sum(mrope_section) * 2 != t["hidden_size"] // t["num_attention_heads"]:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2")
     token_ids = {
@@ -203,43 +245,33 @@ def make_config(ids: dict[str, int], vocab_size: int, *, tie_word_embeddings: bo
         "vocab_size": vocab_size,
     }
     if layout == "flat":
-        # Mirrors Qwen/Qwen2-VL-*-Instruct/config.json (written by transformers 4.4x).
+        # Mirrors Qwen/Qwen2-VL-*-Instruct/config.json (written by transformers 4.4x); the
+        # Qwen2.5-VL releases have the same layout
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "architectures": [_ARCH[model_type]],
             **text,
             **token_ids,
-            "model_type": "qwen2_vl",
+            "model_type": model_type,
             "rope_theta": t["rope_theta"],
             "rope_scaling": {"type": "mrope", "mrope_section": list(mrope_section)},
             "tie_word_embeddings": tie_word_embeddings,
             "torch_dtype": dtype,
             "transformers_version": "4.41.2",
-            "vision_config": {
-                "depth": v["depth"],
-                "embed_dim": v["embed_dim"],
-                "mlp_ratio": v["mlp_ratio"],
-                "num_heads": v["num_heads"],
-                "in_chans": v["in_chans"],
-                "hidden_size": t["hidden_size"],
-                "patch_size": v["patch_size"],
-                "spatial_merge_size": v["spatial_merge_size"],
-                "spatial_patch_size": v["patch_size"],
-                "temporal_patch_size": v["temporal_patch_size"],
-            },
+            "vision_config": _vision_config(v, t["hidden_size"], model_type, layout),
         }
     if layout == "nested":
-        # Mirrors what transformers 5 save_pretrained writes for Qwen2VLConfig.
+        # Mirrors what transformers 5 save_pretrained writes for Qwen2VLConfig / Qwen2_5_VLConfig.
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "architectures": [_ARCH[model_type]],
             "dtype": dtype,
             **{k: token_ids[k] for k in ("image_token_id", "video_token_id",
                                          "vision_end_token_id", "vision_start_token_id")},
-            "model_type": "qwen2_vl",
+            "model_type": model_type,
             "text_config": {
                 **text,
                 "dtype": dtype,
                 "layer_types": ["full_attention"] * t["num_hidden_layers"],
-                "model_type": "qwen2_vl_text",
+                "model_type": f"{model_type}_text",
                 "pad_token_id": None,
                 "sliding_window": None,
                 "rope_parameters": {"mrope_section": list(mrope_section), "rope_theta": t["rope_theta"],
@@ -247,21 +279,7 @@ def make_config(ids: dict[str, int], vocab_size: int, *, tie_word_embeddings: bo
             },
             "tie_word_embeddings": tie_word_embeddings,
             "transformers_version": "5.24.0",
-            "vision_config": {
-                "depth": v["depth"],
-                "embed_dim": v["embed_dim"],
-                "hidden_act": "quick_gelu",
-                "hidden_size": t["hidden_size"],
-                "in_channels": v["in_chans"],
-                "initializer_range": 0.02,
-                "mlp_ratio": v["mlp_ratio"],
-                "model_type": "qwen2_vl_vision",
-                "num_heads": v["num_heads"],
-                "patch_size": v["patch_size"],
-                "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"},
-                "spatial_merge_size": v["spatial_merge_size"],
-                "temporal_patch_size": v["temporal_patch_size"],
-            },
+            "vision_config": _vision_config(v, t["hidden_size"], model_type, layout),
         }
     raise ValueError(f"unknown layout {layout!r}; expected 'flat' or 'nested'")
 
@@ -279,11 +297,11 @@ PREPROCESSOR_CONFIG = {
 }
 
 
-def _random_state_dict(vocab_size: int, tie: bool, seed: int) -> dict:
+def _random_state_dict(vocab_size: int, tie: bool, seed: int, model_type: str = "qwen2_vl") -> dict:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    t, v = TEXT_DIMS, VISION_DIMS
+    t, v = TEXT_DIMS, (VISION_DIMS if model_type == "qwen2_vl" else VISION_DIMS_25)
     H, I = t["hidden_size"], t["intermediate_size"]
     hd = H // t["num_attention_heads"]
     kv = t["num_key_value_heads"] * hd
@@ -321,15 +339,21 @@ def _random_state_dict(vocab_size: int, tie: bool, seed: int) -> dict:
         w("lm_head.weight", vocab_size, H)
     w("visual.patch_embed.proj.weight", E, v["in_chans"], v["temporal_patch_size"], v["patch_size"],
       v["patch_size"])
+    layer_norm = model_type == "qwen2_vl"  # Qwen2.5-VL's tower has RMSNorms: weights only
     for i in range(v["depth"]):
         p = f"visual.blocks.{i}."
-        norm(p + "norm1", E, bias=True)
-        norm(p + "norm2", E, bias=True)
+        norm(p + "norm1", E, bias=layer_norm)
+        norm(p + "norm2", E, bias=layer_norm)
         linear(p + "attn.qkv", 3 * E, E)
         linear(p + "attn.proj", E, E)
-        linear(p + "mlp.fc1", E * v["mlp_ratio"], E)
-        linear(p + "mlp.fc2", E, E * v["mlp_ratio"])
-    norm("visual.merger.ln_q", E, bias=True)
+        if layer_norm:
+            linear(p + "mlp.fc1", E * v["mlp_ratio"], E)
+            linear(p + "mlp.fc2", E, E * v["mlp_ratio"])
+        else:
+            linear(p + "mlp.gate_proj", v["intermediate_size"], E)
+            linear(p + "mlp.up_proj", v["intermediate_size"], E)
+            linear(p + "mlp.down_proj", E, v["intermediate_size"])
+    norm("visual.merger.ln_q", E, bias=layer_norm)
     linear("visual.merger.mlp.0", merged, merged)
     linear("visual.merger.mlp.2", H, merged)
     return sd
@@ -337,11 +361,13 @@ def _random_state_dict(vocab_size: int, tie: bool, seed: int) -> dict:
 
 def _transformers_weights(out: pathlib.Path, flat_config: dict, seed: int, dtype: str) -> None:
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
 
-    config = Qwen2VLConfig(**{k: v for k, v in flat_config.items() if k != "architectures"})
+    prefix = "Qwen2VL" if flat_config["model_type"] == "qwen2_vl" else "Qwen2_5_VL"
+    config_cls = getattr(transformers, f"{prefix}Config")
+    config = config_cls(**{k: v for k, v in flat_config.items() if k not in ("architectures", "model_type")})
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
     # Fresh init leaves norms at exactly 1 and biases at 0, which would let a parity test pass even
     # with those tensors ignored; nudge every parameter so each one matters.
     g = torch.Generator().manual_seed(seed + 1)
@@ -354,12 +380,15 @@ def _transformers_weights(out: pathlib.Path, flat_config: dict, seed: int, dtype
 def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, mrope_section=(2, 3, 3),
                           layout: str = "flat", weights: str = "random", seed: int = 0,
                           specials_in_middle: bool = False, dtype: str = "float32",
-                          chat_template_file: str = "chat_template.json") -> pathlib.Path:
-    """Write a complete tiny Qwen2-VL checkpoint directory and return its path.
+                          chat_template_file: str = "chat_template.json",
+                          model_type: str = "qwen2_vl") -> pathlib.Path:
+    """Write a complete tiny Qwen2-VL (or, with ``model_type="qwen2_5_vl"``, Qwen2.5-VL)
+    checkpoint directory and return its path.
 
     ``weights="random"`` writes ``model.safetensors`` under the official (pre-transformers-5) key
     names without importing transformers; ``weights="transformers"`` saves a perturbed randomly
-    initialised ``Qwen2VLForConditionalGeneration`` (transformers-5 key names).
+    initialised ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
+    (transformers-5 key names).
     ``chat_template_file`` picks where the template lives: ``chat_template.json``,
     ``chat_template.jinja`` or ``tokenizer_config.json``, the three forms real checkpoints use.
     """
@@ -372,17 +401,17 @@ def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, mrope_s
     n_tokens = len(n_tokens["model"]["vocab"]) + len(n_tokens["added_tokens"])
     vocab_size = _padded_vocab(n_tokens)
     config = make_config(ids, vocab_size, tie_word_embeddings=tie_word_embeddings,
-                         mrope_section=tuple(mrope_section), layout=layout, dtype=dtype)
+                         mrope_section=tuple(mrope_section), layout=layout, dtype=dtype, model_type=model_type)
 
     if weights == "transformers":
         flat = make_config(ids, vocab_size, tie_word_embeddings=tie_word_embeddings,
-                           mrope_section=tuple(mrope_section), layout="flat", dtype=dtype)
+                           mrope_section=tuple(mrope_section), layout="flat", dtype=dtype, model_type=model_type)
         _transformers_weights(out, flat, seed, dtype)
     elif weights == "random":
         import torch
         from safetensors.torch import save_file
 
-        sd = _random_state_dict(vocab_size, tie_word_embeddings, seed)
+        sd = _random_state_dict(vocab_size, tie_word_embeddings, seed, model_type)
         sd = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in sd.items()}
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     else:
@@ -395,9 +424,12 @@ def write_tiny_checkpoint(out_dir, *, tie_word_embeddings: bool = False, mrope_s
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"],
     })
-    _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+    _write_json(out / "preprocessor_config.json", {**PREPROCESSOR_CONFIG, "processor_class": _PROCESSOR[model_type]})
+    if model_type != "qwen2_vl":
+        path = out / "tokenizer_config.json"
+        _write_json(path, {**json.loads(path.read_text(encoding="utf-8")), "processor_class": _PROCESSOR[model_type]})
     _write_chat_template(out, chat_template_file)
-    logger.info("wrote tiny Qwen2-VL checkpoint to %s (%s weights, %s layout)", out, weights, layout)
+    logger.info("wrote tiny %s checkpoint to %s (%s weights, %s layout)", model_type, out, weights, layout)
     return out
 
 
@@ -430,12 +462,13 @@ def main(argv=None) -> None:
     ap.add_argument("--chat-template-file", default="chat_template.json",
                     choices=("chat_template.json", "chat_template.jinja", "tokenizer_config.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-type", choices=MODEL_TYPES, default="qwen2_vl")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_tiny_checkpoint(args.out_dir, tie_word_embeddings=args.tie, mrope_section=args.mrope_section,
                           layout=args.layout, weights=args.weights, seed=args.seed,
                           specials_in_middle=args.specials_in_middle, dtype=args.dtype,
-                          chat_template_file=args.chat_template_file)
+                          chat_template_file=args.chat_template_file, model_type=args.model_type)
 
 
 if __name__ == "__main__":

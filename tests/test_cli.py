@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -100,6 +101,7 @@ def test_answer_boxes_are_listed_and_drawn(picture, tmp_path, capsys):
 
     class Engine:
         processor = ImageProcessor()
+        model = SimpleNamespace(cfg=SimpleNamespace(model_type="qwen2_vl"))
 
     text = "<|object_ref_start|>cup<|object_ref_end|><|box_start|>(100,200),(500,800)<|box_end|>"
     out = tmp_path / "drawn.png"
