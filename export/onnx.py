@@ -7,6 +7,15 @@ Graph (``vision.onnx``, opset 17): patch embed -> blocks -> merger, N (patches) 
     frame_ids    [N]          int64     patches with equal ids attend to each other
     embeds       [N / merge**2, hidden] in the export dtype (float32 or float16)
 
+Qwen2.5-VL towers add the window order (``window_index``), so window attention runs in the graph:
+
+    window_index [N / merge**2] int64   merge block taking each place in window order
+    window_ids   [N]          int64     window of each place in that order; equal ids attend
+
+The graph gathers patches and rotary angles into window order, builds both masks (windows for
+most blocks, frames for ``fullatt_block_indexes``; frames keep their patch ranges in window order,
+so ``frame_ids`` serves both orders) and scatters the merged tokens back to raster order.
+
 Why these inputs: the host does the same O(N) integer bookkeeping as the torch path, and all
 float math (rotary cos/sin, the additive block-diagonal mask) is made inside the graph, so there
 is one source of numerics and one file for every resolution, image count and frame count. The
@@ -46,7 +55,8 @@ from qvl.model.vision import VisionRotary, VisionTower
 from qvl.runtime.loader import IGNORED, hf_to_qvl, read_config
 from qvl.runtime.manifest import (MANIFEST, checkpoint_fingerprint, file_digest, read_manifest, umask_mode,
                                   write_manifest)
-from qvl.runtime.onnx_vision import INPUTS, ONNX_FILE, SECTION, OnnxVision, graph_inputs
+from qvl.runtime.onnx_vision import (INPUTS, ONNX_FILE, SECTION, WINDOW_INPUTS, WINDOW_META, OnnxVision,
+                                     graph_inputs)
 from qvl.runtime.weights import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)
@@ -69,18 +79,32 @@ class ExportError(ValueError):
 
 
 class VisionGraph(nn.Module):
-    """The exported function: VisionTower with its frame boundaries given as data (frame_ids)."""
+    """The exported function: VisionTower with its frame (and window) boundaries given as data."""
 
     def __init__(self, tower: VisionTower):
         super().__init__()
         self.tower = tower
 
-    def forward(self, pixel_values, pos_hw, frame_ids):
-        same = frame_ids[:, None] == frame_ids[None, :]  # [N, N] block diagonal
+    def _mask(self, ids):
+        same = ids[:, None] == ids[None, :]  # [N, N] block diagonal
         # additive and in the tower dtype: a bool mask is exported with fp32 constants, which an
         # fp16 graph cannot add to its scores
-        mask = torch.where(same, 0.0, float("-inf")).to(self.tower.dtype)
-        return self.tower(pixel_values, pos_hw, None, mask)
+        return torch.where(same, 0.0, float("-inf")).to(self.tower.dtype)
+
+    def forward(self, pixel_values, pos_hw, frame_ids, window_index=None, window_ids=None):
+        if window_index is None:
+            return self.tower(pixel_values, pos_hw, None, self._mask(frame_ids))
+        return self.tower(pixel_values, pos_hw, None, self._mask(frame_ids), windows=window_index,
+                          window_mask=self._mask(window_ids))
+
+
+def graph_input_names(tower: VisionTower) -> tuple[str, ...]:
+    return INPUTS + (WINDOW_INPUTS if tower.cfg.windowed else ())
+
+
+def window_of(tower: VisionTower) -> int:
+    """Merged tokens per window side (0: no window attention), for graph_inputs."""
+    return tower.cfg.window_units if tower.cfg.windowed else 0
 
 
 def load_vision_tower(path, dtype: torch.dtype = torch.float32) -> VisionTower:
@@ -124,18 +148,21 @@ def export_graph(tower: VisionTower, out_dir: Path, opset: int = OPSET, export_i
     scratch = out_dir / ".trace"
     scratch.mkdir()
     merge = tower.cfg.spatial_merge_size
-    # two images, so the traced mask is a real block diagonal; no shape is baked in
+    # two images, so the traced mask is a real block diagonal; no shape is baked in (with windows,
+    # several per image)
     pv, grids = _sample([(1, 4, 4), (1, 4, 8)], tower.cfg.patch_dim, 0)
-    feeds, _ = graph_inputs(pv, grids, merge)
-    args = tuple(torch.from_numpy(feeds[k]) for k in INPUTS)
-    axes = {k: {0: "n_patches"} for k in INPUTS} | {"embeds": {0: "n_tokens"}}
+    feeds, _ = graph_inputs(pv, grids, merge, window_of(tower))
+    names = graph_input_names(tower)
+    args = tuple(torch.from_numpy(feeds[k]) for k in names)
+    axes = {k: {0: "n_tokens" if k == "window_index" else "n_patches"} for k in names} | {"embeds": {0: "n_tokens"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's deprecation and TracerWarnings (no data-dependent code)
         torch.onnx.export(VisionGraph(tower), args, str(scratch / ONNX_FILE), dynamo=False, opset_version=opset,
-                          input_names=list(INPUTS), output_names=["embeds"], dynamic_axes=axes)
+                          input_names=list(names), output_names=["embeds"], dynamic_axes=axes)
     model = onnx.load(str(scratch / ONNX_FILE))  # pulls in tensors the tracer spilled to files (>2 GB)
     shutil.rmtree(scratch)
-    onnx.helper.set_model_props(model, {"qvl_export_id": export_id, "qvl_version": qvl.__version__})
+    onnx.helper.set_model_props(model, {"qvl_export_id": export_id, "qvl_version": qvl.__version__,
+                                        WINDOW_META: str(window_of(tower))})
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     large = weight_bytes > EXTERNAL_DATA_BYTES
     onnx.save_model(model, str(out_dir / ONNX_FILE), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -157,7 +184,7 @@ def validate(onnx_path: Path, reference: VisionTower, grids_list=VALIDATION_GRID
         pv, g = _sample(grids, reference.cfg.patch_dim, 1 + i)
         with torch.no_grad():
             ref = reference.encode(pv, g)
-        got = torch.from_numpy(runner.run(graph_inputs(pv, g, merge)[0])).float()
+        got = torch.from_numpy(runner.run(graph_inputs(pv, g, merge, window_of(reference))[0])).float()
         if got.shape != ref.shape:
             raise ExportError(f"vision.onnx gave shape {list(got.shape)} for grids {grids}, torch {list(ref.shape)}")
         err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
@@ -225,6 +252,7 @@ def export_onnx(src, out=None, *, dtype: str = "float32", onnx_only: bool = Fals
         log.info("loading the vision tower of %s (%s)", src, dtype)
         tower = load_vision_tower(src, DTYPES[dtype])
         n_params = sum(p.numel() for p in tower.parameters())
+        window = window_of(tower)
         log.info("tracing %.1fM-parameter tower to ONNX (opset %d)", n_params / 1e6, opset)
         files = export_graph(tower, stage, opset, export_id)
         if dtype != "float32":
@@ -258,7 +286,11 @@ def export_onnx(src, out=None, *, dtype: str = "float32", onnx_only: bool = Fals
             "exporter": f"torch.onnx.export TorchScript tracer (dynamo=False), torch {torch.__version__}",
             "onnx": _onnx_version(),
             "inputs": {"pixel_values": "[N, C*T*P*P] float32", "pos_hw": "[N, 2] int64 rotary (row, col) ids",
-                       "frame_ids": "[N] int64; equal ids attend to each other"},
+                       "frame_ids": "[N] int64; equal ids attend to each other"} | ({
+                "window_index": "[N / merge**2] int64 merge block at each place in window order",
+                "window_ids": "[N] int64 window of each place in window order; equal ids attend"}
+                if window else {}),
+            "window": window,
             "outputs": {"embeds": f"[N / merge**2, hidden] {dtype}"},
             "validation": report,
             "export_s": round(time.perf_counter() - t0, 1),

@@ -3,10 +3,16 @@
 ``vision.onnx`` (written by ``qvl export onnx``, see :mod:`qvl.export.onnx`) takes
 ``pixel_values`` [N, C*T*P*P] float32, ``pos_hw`` [N, 2] int64 (rotary row/col ids) and
 ``frame_ids`` [N] int64 (patches with equal ids attend to each other) and returns ``embeds``
-[N / merge**2, hidden]. The block-diagonal mask is built inside the graph, so one call may
-hold any number of images and frames; attention is then dense over the call's N patches, so
-``encode`` packs whole frames into calls of at most ``pack_patches`` (a larger frame goes
-alone), which keeps the wasted cross-frame work and the [heads, N, N] scores bounded.
+[N / merge**2, hidden]. A Qwen2.5-VL graph also takes ``window_index`` [N / merge**2] int64
+(``qvl.model.vision.window_index``: the merge block taking each place in window order) and
+``window_ids`` [N] int64 (the window of each place in that order); the graph reorders the
+patches, attends inside windows or frames block by block, and restores raster order itself. Its
+metadata ``qvl_vision_window`` holds the window side in merged tokens (0: no windows).
+The block-diagonal masks are built inside the graph, so one call may hold any number of images
+and frames; attention is then dense over the call's N patches, so ``encode`` packs whole frames
+into calls of at most ``pack_patches`` (a larger frame goes alone), which keeps the wasted
+cross-frame work and the [heads, N, N] scores bounded. Windows never cross a frame, so a call's
+slice of the window inputs is the call's own window order.
 
 onnxruntime is imported here only, and only when this backend is chosen.
 """
@@ -19,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvl.model.vision import vision_positions
+from qvl.model.vision import vision_positions, window_index
 from qvl.runtime.manifest import checkpoint_fingerprint, read_manifest
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,8 @@ ONNX_FILE = "vision.onnx"
 SECTION = "vision_onnx"  # manifest section written by the exporter
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 INPUTS = ("pixel_values", "pos_hw", "frame_ids")
+WINDOW_INPUTS = ("window_index", "window_ids")
+WINDOW_META = "qvl_vision_window"
 PACK_PATCHES = 1024
 
 
@@ -35,13 +43,28 @@ class OnnxVisionError(ValueError):
     pass
 
 
-def graph_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> tuple[dict, list[int]]:
-    """Numpy feeds for vision.onnx and the frame boundaries (cumulative patch counts)."""
+def graph_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge: int,
+                 window: int = 0) -> tuple[dict, list[int]]:
+    """Numpy feeds for vision.onnx and the frame boundaries (cumulative patch counts);
+    ``window`` (merged tokens per window side, Qwen2.5-VL) adds the window inputs."""
     pos_hw, cu = vision_positions(grid_thw, merge)
     frame_ids = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())  # [N]
     feeds = {"pixel_values": pixel_values.detach().to("cpu", torch.float32).numpy(),
              "pos_hw": pos_hw.numpy(), "frame_ids": frame_ids.numpy()}
+    if window:
+        index, cu_w = window_index(grid_thw, merge, window)
+        feeds["window_index"] = index.numpy()
+        feeds["window_ids"] = torch.repeat_interleave(torch.arange(len(cu_w) - 1), cu_w.diff()).numpy()
     return feeds, cu.tolist()
+
+
+def slice_feeds(feeds: dict, a: int, b: int, unit: int) -> dict:
+    """The feeds of patches [a, b), whole frames: ``window_index`` counts merge blocks from the
+    slice's start."""
+    out = {k: v[a:b] for k, v in feeds.items() if k != "window_index"}
+    if "window_index" in feeds:
+        out["window_index"] = feeds["window_index"][a // unit : b // unit] - a // unit
+    return out
 
 
 def pack_frames(cu_seqlens: list[int], budget: int) -> list[tuple[int, int]]:
@@ -90,6 +113,11 @@ class OnnxVision:
         self.provider = self.session.get_providers()[0]
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.out_dtype = self.session.get_outputs()[0].type  # e.g. "tensor(float16)"
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.window = int(self.metadata.get(WINDOW_META, 0))
+        if (self.window > 0) != all(k in self.inputs for k in WINDOW_INPUTS):
+            raise OnnxVisionError(f"{onnx_path}: inputs {self.inputs} do not match its window metadata "
+                                  f"({WINDOW_META}={self.window}); export it again")
         log.info("vision tower: onnxruntime %s, %s, %s (providers available: %s)", ort.__version__,
                  self.provider, self.out_dtype, ", ".join(available))
 
@@ -124,10 +152,11 @@ class OnnxVision:
 
     def run(self, feeds: dict) -> np.ndarray:
         """One session call: all given frames in one graph run."""
-        return self.session.run(None, {k: feeds[k] for k in INPUTS})[0]
+        return self.session.run(None, {k: feeds[k] for k in self.inputs})[0]
 
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] -> merged embeddings [N / merge**2, hidden], on pixel_values' device."""
-        feeds, cu = graph_inputs(pixel_values, grid_thw, self.merge)
-        outs = [self.run({k: v[a:b] for k, v in feeds.items()}) for a, b in pack_frames(cu, self.pack_patches)]
+        feeds, cu = graph_inputs(pixel_values, grid_thw, self.merge, self.window)
+        unit = self.merge**2
+        outs = [self.run(slice_feeds(feeds, a, b, unit)) for a, b in pack_frames(cu, self.pack_patches)]
         return torch.from_numpy(np.concatenate(outs)).to(pixel_values.device)
