@@ -218,6 +218,10 @@ def add_load_options(sp) -> None:
     sp.add_argument("--head", default=d.head, choices=["checkpoint", "int8", "int4"],
                     help="the output head: the checkpoint's own, or quantized at load (a fifth fewer bytes a "
                          "2B decode step reads)")
+    sp.add_argument("--vision-quant", default=d.vision_quant, choices=["none", "int8"],
+                    help="int8: the torch vision tower's linears in 8 bits, rounded at load (about half its bytes)")
+    sp.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "int8"],
+                    help="int8: the KV cache in 8 bits with a scale per head and position (about half its bytes)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,6 +69,9 @@ EXTERNAL_DATA_BYTES = 1 << 30
 # fp16 carries fp16 rounding through every block (4.5e-4 seen on the 32-block 2B-shaped tower);
 # it is a gate against broken exports (overflow, NaN), not a quality target
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+# with 8-bit weights (``vision_quant="int8"``): their rounding, 0.3-1% of the largest output seen on
+# qvl-toy and the 2B shapes (bench/results/int8_memory.md); again a gate against broken exports
+TOLERANCE_INT8 = 5e-2
 # (t, h, w) patch grids: three aspect ratios, then several images and a 2-frame video in one call
 VALIDATION_GRIDS = [[(1, 16, 16)], [(1, 12, 20)], [(1, 22, 8)], [(1, 8, 8), (2, 10, 6), (1, 4, 14)]]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -141,8 +144,10 @@ def _sample(grids, patch_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.randn(n, patch_dim, generator=g), torch.tensor(grids)
 
 
-def export_graph(tower: VisionTower, out_dir: Path, opset: int = OPSET, export_id: str = "") -> list[str]:
-    """Trace ``tower`` into ``out_dir/vision.onnx`` (+ ``vision.onnx.data`` when large)."""
+def export_graph(tower: VisionTower, out_dir: Path, opset: int = OPSET, export_id: str = "",
+                 vision_quant: str = "none") -> list[str]:
+    """Trace ``tower`` into ``out_dir/vision.onnx`` (+ ``vision.onnx.data`` when large);
+    ``vision_quant="int8"``: its linears' weights in 8 bits (:mod:`qvl.export.onnx_quant`)."""
     import onnx
 
     scratch = out_dir / ".trace"
@@ -161,6 +166,10 @@ def export_graph(tower: VisionTower, out_dir: Path, opset: int = OPSET, export_i
                           input_names=list(names), output_names=["embeds"], dynamic_axes=axes)
     model = onnx.load(str(scratch / ONNX_FILE))  # pulls in tensors the tracer spilled to files (>2 GB)
     shutil.rmtree(scratch)
+    if vision_quant == "int8":
+        from qvl.export.onnx_quant import quantize_gemm_weights
+
+        quantize_gemm_weights(model)
     onnx.helper.set_model_props(model, {"qvl_export_id": export_id, "qvl_version": qvl.__version__,
                                         WINDOW_META: str(window_of(tower))})
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
@@ -216,12 +225,13 @@ def _link_or_copy(src: Path, dst: Path, copy: bool) -> None:
 
 
 def export_onnx(src, out=None, *, dtype: str = "float32", onnx_only: bool = False, opset: int = OPSET,
-                tolerance: float | None = None, copy: bool = False) -> Path:
+                tolerance: float | None = None, copy: bool = False, vision_quant: str = "none") -> Path:
     """Export ``src``'s vision tower; returns the artifact directory.
 
     ``out``: a new directory holding the checkpoint's files (hard links, or copies with
     ``copy=True`` or across filesystems) plus vision.onnx and qvl-manifest.json. With
     ``onnx_only`` the ONNX files and the manifest entry are written into ``src`` itself.
+    ``vision_quant="int8"``: the linears' weights in 8 bits, per output channel.
     """
     t0 = time.perf_counter()
     src = Path(src)
@@ -230,7 +240,9 @@ def export_onnx(src, out=None, *, dtype: str = "float32", onnx_only: bool = Fals
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: use float32 or float16")
     dtype = "float16" if DTYPES[dtype] == torch.float16 else "float32"
-    tol = TOLERANCE[dtype] if tolerance is None else tolerance
+    if vision_quant not in ("none", "int8"):
+        raise ValueError(f"vision_quant {vision_quant!r}: use none or int8")
+    tol = (TOLERANCE_INT8 if vision_quant == "int8" else TOLERANCE[dtype]) if tolerance is None else tolerance
     if opset < 17:
         raise ValueError(f"opset {opset}: 17 or later (LayerNormalization)")
     if onnx_only:
@@ -254,7 +266,7 @@ def export_onnx(src, out=None, *, dtype: str = "float32", onnx_only: bool = Fals
         n_params = sum(p.numel() for p in tower.parameters())
         window = window_of(tower)
         log.info("tracing %.1fM-parameter tower to ONNX (opset %d)", n_params / 1e6, opset)
-        files = export_graph(tower, stage, opset, export_id)
+        files = export_graph(tower, stage, opset, export_id, vision_quant)
         if dtype != "float32":
             del tower
             tower = load_vision_tower(src, torch.float32)
@@ -281,6 +293,7 @@ def export_onnx(src, out=None, *, dtype: str = "float32", onnx_only: bool = Fals
             "external_data": DATA_FILE if DATA_FILE in files else None,
             "files": digests,
             "dtype": dtype,
+            "vision_quant": vision_quant,
             "opset": opset,
             "parameters": n_params,
             "exporter": f"torch.onnx.export TorchScript tracer (dynamo=False), torch {torch.__version__}",

@@ -70,8 +70,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, row)
-            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            k, v = self.kv_cache.update(input_pos, k, v, row, kv_len)  # an int8 cache dequantizes here
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
         else:

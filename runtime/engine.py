@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from qvl.model.kv_cache import check_kv_cache_dtype
 from qvl.runtime.core import EngineCore
 from qvl.runtime.errors import PromptTooLongError, QueueFullError
 from qvl.runtime.fetch import FetchPolicy
@@ -29,6 +30,7 @@ from qvl.runtime.sequence import Handle, Sequence, Stats
 from qvl.runtime.session import Session
 from qvl.runtime.tokenizer import Tokenizer
 from qvl.runtime.video_processor import VideoProcessor, VideoProcessorConfig
+from qvl.runtime.vision_quant import check_vision_quant
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,16 @@ class Engine:
             merge = read_config(path)[0].vision.spatial_merge_size
             self.vision = OnnxVision.from_checkpoint(path, merge)
         check_head(opts.head)
+        check_vision_quant(opts.vision_quant)
+        if opts.vision_quant != "none" and self.vision is not None:
+            raise ValueError("vision_quant applies to the torch tower; an ONNX tower's precision is set when it "
+                             "is exported (`qvl export onnx --vision-quant int8`)")
+        kv_dtype = check_kv_cache_dtype(opts.kv_cache_dtype)
         self.model = load_model(path, dtype=opts.dtype, device=self.device, vision=self.vision is None,
-                                quant_kernel=opts.quant_kernel)
+                                quant_kernel=opts.quant_kernel, vision_quant=opts.vision_quant)
         quantize_head(self.model, opts.head, opts.quant_kernel)
         self.dtype = self.model.embed_tokens.weight.dtype
-        self.model.setup_caches(opts.max_batch, opts.max_seq_len, self.dtype, self.device)
+        self.model.setup_caches(opts.max_batch, opts.max_seq_len, kv_dtype or self.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(path)
         self.processor = ImageProcessor(ImageProcessorConfig.from_dir(path))
         self.video_processor = VideoProcessor(VideoProcessorConfig.from_dir(path))

@@ -17,6 +17,7 @@ from qvl.model.config import ConfigError, Qwen2VLConfig, read_json_object
 from qvl.model.qwen2_vl import Qwen2VL
 from qvl.quant.config import QuantConfig
 from qvl.runtime.quantized import QuantizedLinears
+from qvl.runtime.vision_quant import VisionQuantizer
 from qvl.runtime.weights import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,12 @@ def resolve_dtype(dtype, raw_config: dict) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_kernel: str = "auto") -> Qwen2VL:
+def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_kernel: str = "auto",
+               vision_quant: str = "none") -> Qwen2VL:
     """``vision=False`` leaves the vision tower on the meta device, unread: for callers that run
     the tower elsewhere (onnxruntime). ``quant_kernel``: the quantized linears' path
-    (:data:`qvl.quant.linear.KERNELS`; "auto" picks the fastest that runs here)."""
+    (:data:`qvl.quant.linear.KERNELS`; "auto" picks the fastest that runs here).
+    ``vision_quant="int8"``: the tower's linears load as int8 (:mod:`qvl.runtime.vision_quant`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -109,8 +112,9 @@ def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_k
     with torch.device("meta"):
         model = Qwen2VL(cfg)
     quant = QuantizedLinears(model, qcfg) if qcfg else None
+    vq = VisionQuantizer(model, vision_quant if vision else "none")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
-                if not (quant and k.rpartition(".")[0] in quant.targets)}
+                if not (quant and k.rpartition(".")[0] in quant.targets) and k.rpartition(".")[0] not in vq.targets}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     if not vision:
@@ -120,7 +124,7 @@ def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_k
     state, unexpected = {}, []
     for name in ckpt.keys():
         ours = hf_to_qvl(name)
-        if quant and quant.claim(ours, name):
+        if quant and quant.claim(ours, name) or vq.claim(ours, name):
             continue
         if ours not in expected:
             if IGNORED.search(name) or (cfg.tie_word_embeddings and ours == "lm_head.weight") or \
@@ -151,6 +155,10 @@ def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_k
             quant.build(model, ckpt, dtype, device, quant_kernel)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
+    try:
+        vq.build(model, ckpt, dtype, device, quant_kernel)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     model.load_state_dict(state, assign=True, strict=not cfg.tie_word_embeddings and vision)
     model.tie_weights()
     model.init_buffers(device)

@@ -50,11 +50,15 @@ def common_prefix(a: list, b: list) -> int:
     return lo
 
 
+def _per_position(cache) -> list[torch.Tensor]:
+    """A layer cache's buffers indexed [slot, head, position, ...]: k and v, and an int8 cache's scales."""
+    return cache.tensors() if hasattr(cache, "tensors") else [cache.k, cache.v]
+
+
 @dataclass(eq=False)
 class _Entry:
     keys: list
-    k: list[torch.Tensor]  # per layer [kv_heads, n, head_dim]
-    v: list[torch.Tensor]
+    rows: list[list[torch.Tensor]]  # per layer, each per-position buffer's [kv_heads, n, ...]
     nbytes: int
 
 
@@ -101,23 +105,22 @@ class PrefixCache:
                 return
             if m == len(e.keys):
                 self._drop(eid)
-        nbytes = 2 * n * sum(c.k[row, :, 0].numel() * c.k.element_size() for c in caches)
+        nbytes = n * sum(t[row, :, 0].numel() * t.element_size() for c in caches for t in _per_position(c))
         if nbytes > self.budget:  # checked before copying: a long request must not double its KV
             return
-        k = [c.k[row, :, :n].clone() for c in caches]
-        v = [c.v[row, :, :n].clone() for c in caches]
+        rows = [[t[row, :, :n].clone() for t in _per_position(c)] for c in caches]
         while self.nbytes + nbytes > self.budget:
             self._drop(next(iter(self._entries)))
         self._ids += 1
-        self._entries[self._ids] = _Entry(list(keys), k, v, nbytes)
+        self._entries[self._ids] = _Entry(list(keys), rows, nbytes)
         self.nbytes += nbytes
 
     @staticmethod
     def load(entry: _Entry, n: int, caches, row: int) -> None:
         """Copy the entry's first ``n`` positions into cache row ``row`` of every layer."""
-        for c, k, v in zip(caches, entry.k, entry.v):
-            c.k[row, :, :n].copy_(k[:, :n])
-            c.v[row, :, :n].copy_(v[:, :n])
+        for c, held in zip(caches, entry.rows):
+            for t, h in zip(_per_position(c), held):
+                t[row, :, :n].copy_(h[:, :n])
 
     def _drop(self, eid: int) -> None:
         e = self._entries.pop(eid)
