@@ -59,14 +59,17 @@ def window_index(grid_thw: torch.Tensor, merge: int, window: int) -> tuple[torch
     index, lens, offset = [], [], 0
     for t, h, w in grid_thw.tolist():
         gh, gw = h // merge, w // merge
-        for _ in range(t):
-            for r in range(0, gh, window):
-                for c in range(0, gw, window):
-                    rows = torch.arange(r, min(r + window, gh))
-                    cols = torch.arange(c, min(c + window, gw))
-                    index.append((rows[:, None] * gw + cols).reshape(-1) + offset)
-                    lens.append(len(rows) * len(cols) * merge * merge)
-            offset += gh * gw
+        frame, frame_lens = [], []  # one frame's order; every frame of the grid has the same
+        for r in range(0, gh, window):
+            for c in range(0, gw, window):
+                rows = torch.arange(r, min(r + window, gh))
+                cols = torch.arange(c, min(c + window, gw))
+                frame.append((rows[:, None] * gw + cols).reshape(-1))
+                frame_lens.append(len(rows) * len(cols) * merge * merge)
+        frames = torch.arange(t)[:, None] * (gh * gw) + offset  # [t, 1] first block of each frame
+        index.append((torch.cat(frame)[None] + frames).reshape(-1))
+        lens += frame_lens * t
+        offset += t * gh * gw
     cu = F.pad(torch.tensor(lens, dtype=torch.int64).cumsum(0), (1, 0))
     return torch.cat(index), cu
 

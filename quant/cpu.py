@@ -43,6 +43,8 @@ GEMV_MAX_M = 8
 # in the order auto-detection tries them
 VARIANTS = {
     "avx512": (512, ("-march=native",), ("avx512f", "avx512bw", "f16c")),
+    # the AVX2 code, with vpdpbusd for the 8-bit-activation kernel (Alder Lake and later, N100/N305)
+    "avxvnni": (256, ("-mavx2", "-mfma", "-mavxvnni"), ("avx2", "fma", "avx_vnni")),
     "avx2": (256, ("-mavx2", "-mfma"), ("avx2", "fma")),
 }
 ISA_ENV = "QVL_CPU_ISA"
@@ -93,11 +95,11 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("QVL_KERNEL_CACHE") or Path.home() / ".cache" / "qvl" / "kernels")
 
 
-def _build(variant: str) -> Path:
+def _build(variant: str, extra_flags: tuple[str, ...] = ()) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc / gcc / $CC) to build it")
-    flags = ["-O3", *VARIANTS[variant][1], "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", *VARIANTS[variant][1], *extra_flags, "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\n".join([variant, SOURCE.read_text(), cc, version, *flags, platform.machine(),
                                     *sorted(set(_cpu_id()))]).encode()).hexdigest()[:16]
@@ -119,14 +121,16 @@ def _build(variant: str) -> Path:
     return out
 
 
-def open_variant(variant: str) -> ctypes.CDLL:
+def open_variant(variant: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The built, self-checked library of one variant (built on first use), whatever the CPU's
     flags say; RuntimeError saying why it cannot run here. The linears use the one
-    :func:`choose_variant` picks; tests open each."""
-    if variant in _opened:
-        return _opened[variant]
+    :func:`choose_variant` picks; tests open each (``extra_flags``, e.g. ``-mno-avx512vnni``, build
+    the code paths of CPUs with fewer features)."""
+    key = " ".join((variant, *extra_flags))
+    if key in _opened:
+        return _opened[key]
     try:
-        lib = ctypes.CDLL(str(_build(variant)))
+        lib = ctypes.CDLL(str(_build(variant, extra_flags)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"qvl's {variant} CPU kernel could not be built: {e}") from e
     if lib.qvl_isa() != VARIANTS[variant][0]:
@@ -135,10 +139,13 @@ def open_variant(variant: str) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.qvl_qgemm.argtypes = [i, p, i, i, i, p, p, p, i, i, p, p, i, i]
     lib.qvl_dequant.argtypes = [i, p, p, p, i, i, i, p, i, i]
-    err = _self_check(lib)
+    lib.qvl_a8_gemm.argtypes = [i, p, i, i, i, p, p, p, i, i, i, p, p, i, i]
+    lib.qvl_a8_dequant_t.argtypes = [i, p, p, p, i, i, i, p, i, i]
+    lib.qvl_a8_quantize.argtypes = [p, i, i, i, i, p, p, p]
+    err = _self_check(lib) or _self_check_a8(lib)
     if err:
         raise RuntimeError(f"qvl's {variant} CPU kernel {err}")
-    _opened[variant] = lib
+    _opened[key] = lib
     return lib
 
 
@@ -258,6 +265,143 @@ def dequantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
     if rc:
         raise RuntimeError(f"qvl_dequant failed ({rc}) on W [{n}, {k}], group {group}")
     return out
+
+
+# -- 8-bit activations (quant_kernel "qvl-a8"; qgemv.c's qvl_a8_*) -------------------------
+
+A8_NT = 64  # outputs per tile of the a8 layout (qgemv.c's A8_NT); N is padded to a multiple
+A8_BLOCK = 32  # columns of x per int8 scale (llama.cpp's Q8_0 block), or the largest that divides the group
+# rows of x up to which the a8 kernel runs; more (long prefills) dequantize for torch's GEMM
+A8_MAX_M = 64
+
+
+def a8_block(group: int) -> int | None:
+    """Columns per activation scale for weights in groups of ``group``: A8_BLOCK where it divides
+    the group, else the largest multiple of 32 below it that does; None where none does."""
+    return next((b for b in range(A8_BLOCK, 31, -32) if group % b == 0), None)
+
+
+def a8_unsupported_reason(bits: int, n: int, k: int, group: int, zeros: torch.Tensor,
+                          scales: torch.Tensor) -> str | None:
+    """Why a layer cannot use the a8 kernel (shapes, or values its layout cannot hold)."""
+    if a8_block(group) is None or k % group:
+        return f"shape [{n}, {k}] / group {group} (needs group % 32, K % group)"
+    if int(zeros.min()) < 0 or int(zeros.max()) > 2**bits - 1:
+        return f"zero points outside 0..{2**bits - 1}"
+    if not torch.equal(scales.float().half().float(), scales.float()):
+        return "scales that are not fp16 values"
+    return unavailable()
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    n = t.shape[0]
+    pad = -n % A8_NT
+    return t if not pad else torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+
+
+def pack_a8(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [N, K] codes -> the a8 layout [ceil(N/64), K/KV, 4, 16, 4] (see qgemv.c), N padded with 0."""
+    q = _pad_rows(q.to(torch.uint8))
+    t, k = q.shape[0] // A8_NT, q.shape[1]
+    if bits == 4:  # [tile, vector, lane, k-step, nibble, byte]: byte j = columns j (low) and j + 4 (high)
+        qq = q.reshape(t, 4, 16, k // 8, 2, 4)
+        qq = qq[:, :, :, :, 0] | (qq[:, :, :, :, 1] << 4)
+    else:
+        qq = q.reshape(t, 4, 16, k // 4, 4)
+    return qq.permute(0, 3, 1, 2, 4).contiguous()
+
+
+def unpack_a8(w: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_a8`: [N, K] codes."""
+    t, steps = w.shape[:2]
+    lanes = w.permute(0, 2, 3, 1, 4)  # [tile, vector, lane, k-step, byte]
+    if bits == 4:
+        lanes = torch.stack([lanes & 0xF, lanes >> 4], dim=4)  # [..., k-step, nibble, byte]
+    return lanes.reshape(t * A8_NT, -1)[:n]
+
+
+def params_a8(zeros: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G, N] true zero points and scales -> the a8 layout's [ceil(N/64), G, 64] uint8 zeros and fp16 scales."""
+    def tiles(t):
+        t = _pad_rows(t.t())  # [Np, G]
+        return t.reshape(-1, A8_NT, t.shape[1]).transpose(1, 2).contiguous()
+
+    return tiles(zeros.to(torch.uint8)), tiles(scales.to(torch.float16))
+
+
+def unparams_a8(zeros: torch.Tensor, scales: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`params_a8`: [G, N] int16 zeros and float32 scales."""
+    def untile(t):
+        return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].t()
+
+    return untile(zeros).to(torch.int16), untile(scales).to(torch.float32)
+
+
+def a8_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+            n: int, bias: torch.Tensor | None = None, ablock: int | None = None,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] (fp32 or bf16, contiguous), rounded to int8 per ``ablock`` columns (default
+    :func:`a8_block`), @ W.T (+ bias fp32) -> [M, n] in x's dtype; W in the a8 layout."""
+    m, k = x.shape
+    ablock = ablock or a8_block(group)
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = (lib or _lib).qvl_a8_gemm(bits, x.data_ptr(), x.dtype == torch.bfloat16, m, k, w.data_ptr(),
+                                   scales.data_ptr(), zeros.data_ptr(), n, group, ablock, _ptr(bias), y.data_ptr(),
+                                   y.dtype == torch.bfloat16, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"qvl_a8_gemm failed ({rc}) on x {list(x.shape)}, W [{n}, {k}], group {group}, "
+                           f"block {ablock}")
+    return y
+
+
+def a8_dequantize_t(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, n: int, k: int,
+                    group: int, dtype: torch.dtype, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The dense W.T [K, N] of the a8 layout in ``dtype`` (fp32, or bf16 rounded once from fp32)."""
+    out = torch.empty(k, n, dtype=dtype)
+    rc = (lib or _lib).qvl_a8_dequant_t(bits, w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group,
+                                        out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"qvl_a8_dequant_t failed ({rc}) on W [{n}, {k}], group {group}")
+    return out
+
+
+def a8_quantize(x: torch.Tensor, ablock: int, lib: ctypes.CDLL | None = None):
+    """What qvl_a8_gemm rounds x [M, K] to: int8 codes [M, K], scales float32 and sums int32 [M, K/ablock]."""
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8)
+    sx = torch.empty(m, k // ablock, dtype=torch.float32)
+    sq = torch.empty(m, k // ablock, dtype=torch.int32)
+    rc = (lib or _lib).qvl_a8_quantize(x.data_ptr(), x.dtype == torch.bfloat16, m, k, ablock, xq.data_ptr(),
+                                       sx.data_ptr(), sq.data_ptr())
+    if rc:
+        raise RuntimeError(f"qvl_a8_quantize failed ({rc}) on x {list(x.shape)}, block {ablock}")
+    return xq, sx, sq
+
+
+def _self_check_a8(lib: ctypes.CDLL) -> str | None:
+    """The a8 entry points against the formula on x rounded the same way, in float64."""
+    g = torch.Generator().manual_seed(1)
+    n, k, group, ablock = 72, 256, 128, 64
+    for bits in (4, 8):
+        q = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+        zeros = torch.randint(0, 1 << bits, (k // group, n), generator=g)
+        scales = (torch.rand(k // group, n, generator=g) * 0.01 + 1e-3).half().float()
+        ref_w = (q.double() - zeros.repeat_interleave(group, 0).t()) * scales.repeat_interleave(group, 0).t()
+        z, s = params_a8(zeros, scales)
+        wp = pack_a8(q, bits)
+        x = torch.randn(5, k, generator=g)
+        try:
+            xq, sx, _ = a8_quantize(x, ablock, lib=lib)
+            y = a8_gemm(x, wp, s, z, bits, group, n, ablock=ablock, lib=lib)
+            d = a8_dequantize_t(wp, s, z, bits, n, k, group, torch.float32, lib=lib)
+        except RuntimeError as e:
+            return f"failed its 8-bit-activation self-check: {e}"
+        xr = (xq.double().reshape(5, -1, ablock) * sx.double()[..., None]).reshape(5, k)
+        ref = xr @ ref_w.t()
+        if (not torch.equal(d.double(), ref_w.t()) or (y.double() - ref).abs().max() > 1e-5 * ref.abs().max()
+                or (xr - x.double()).abs().max() > x.abs().max() / 127):
+            return f"({bits}-bit) disagrees with the 8-bit-activation formula in its self-check"
+    return None
 
 
 def _self_check(lib: ctypes.CDLL) -> str | None:

@@ -7,6 +7,11 @@ layout of the fastest path for its device and activation dtype:
   for up to ``GEMV_MAX_M`` rows of x, fp32 or bf16 activations, and for more rows (prefill) a
   dequantization to the activation dtype feeding torch's dense GEMM. The CPU default where it
   builds. Act-order checkpoints are permuted once, as for int4pack.
+* ``qvl-a8``: qvl's CPU kernel with 8-bit activations (the way llama.cpp runs Q4_0 x Q8_0): each
+  row of x rounded to int8 per block of 32 columns (one fp32 scale each), integer dot products with
+  the codes (AVX512-VNNI / AVX-VNNI vpdpbusd, else vpmaddubsw), the weights read once for up to
+  ``cpu.A8_MAX_M`` rows, so batched decode and short prefills run without dequantizing. Not exact:
+  x is rounded (bench/results/a8.md has the KL and greedy agreement against ``qvl``); only by name.
 * ``int4pack``: torch's int4 kernel (:mod:`qvl.quant.kernels`). Act-order checkpoints are
   permuted once so groups are contiguous; the forward gathers x's columns to match.
   8-bit weights run on the same kernel as two nibbles, q = 16*hi + lo, so that
@@ -30,7 +35,8 @@ from torch import nn
 from qvl.quant import cpu, kernels
 from qvl.quant.weight import QuantizedWeight, dequantize as dequantize_weight
 
-KERNELS = ("auto", "qvl", "int4pack", "dequant")
+KERNELS = ("auto", "qvl", "qvl-a8", "int4pack", "dequant")
+CPU_KERNELS = ("qvl", "qvl-a8")  # qvl's own: packed at load for its layout, fp32 bias added inside
 
 
 class QuantLinear(nn.Module):
@@ -51,8 +57,8 @@ class QuantLinear(nn.Module):
                     kernel: str = "auto") -> "QuantLinear":
         """Repack ``w`` (on the device it lives on) for activations of ``dtype``.
 
-        ``kernel``: "auto" (the first of qvl, int4pack that runs here, else dequant), "qvl" or
-        "int4pack" (error if it cannot run) or "dequant".
+        ``kernel``: "auto" (the first of qvl, int4pack that runs here, else dequant), "qvl",
+        "qvl-a8" or "int4pack" (error if it cannot run) or "dequant".
         """
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -63,12 +69,12 @@ class QuantLinear(nn.Module):
         tried = {"auto": ("qvl", "int4pack"), "dequant": ()}.get(kernel, (kernel,))
         reasons = []
         for name in tried:
-            why = m._qvl_unsupported(w, dtype) if name == "qvl" else m._kernel_unsupported(w, dtype)
+            why = m._qvl_unsupported(w, dtype, name) if name in CPU_KERNELS else m._kernel_unsupported(w, dtype)
             if why is None:
                 m.kernel = name
                 break
             reasons.append(f"{name}: {why}")
-        if m.kernel == "qvl":
+        if m.kernel in CPU_KERNELS:
             m._pack_qvl(w)
         elif m.kernel == "int4pack":
             m._pack_kernel(w, dtype)
@@ -78,12 +84,12 @@ class QuantLinear(nn.Module):
             m.fallback_reason = "asked for" if kernel == "dequant" else "; ".join(reasons)
             m._pack_dequant(w)
         if bias is not None:  # the qvl kernel adds an fp32 bias inside its GEMV
-            m.register_buffer("bias", bias.to(torch.float32 if m.kernel == "qvl" else dtype), persistent=False)
+            m.register_buffer("bias", bias.to(torch.float32 if m.kernel in CPU_KERNELS else dtype), persistent=False)
         return m
 
     # -- qvl's CPU kernel ------------------------------------------------------------------
 
-    def _qvl_unsupported(self, w: QuantizedWeight, dtype) -> str | None:
+    def _qvl_unsupported(self, w: QuantizedWeight, dtype, name: str = "qvl") -> str | None:
         if w.q.device.type != "cpu":
             return f"a CPU kernel, the weights are on {w.q.device.type}"
         if dtype not in (torch.float32, torch.bfloat16):
@@ -91,16 +97,21 @@ class QuantLinear(nn.Module):
         _, ok = w.contiguous_groups()
         if not ok:
             return "g_idx does not split the columns into equal groups"
-        return cpu.unsupported_reason(self.bits, self.out_features, self.in_features, self.group_size, w.zeros,
-                                      w.scales)
+        why = cpu.a8_unsupported_reason if name == "qvl-a8" else cpu.unsupported_reason
+        return why(self.bits, self.out_features, self.in_features, self.group_size, w.zeros, w.scales)
 
     def _pack_qvl(self, w: QuantizedWeight) -> None:
         perm, _ = w.contiguous_groups()
         q = w.q if perm is None else w.q[:, perm]
         if perm is not None:
             self.register_buffer("perm", perm, persistent=False)
-        zeros, scales = cpu.params(w.zeros, w.scales)
-        self.register_buffer("weight", cpu.pack(q, self.bits), persistent=False)
+        if self.kernel == "qvl-a8":
+            zeros, scales = cpu.params_a8(w.zeros, w.scales)
+            weight = cpu.pack_a8(q, self.bits)
+        else:
+            zeros, scales = cpu.params(w.zeros, w.scales)
+            weight = cpu.pack(q, self.bits)
+        self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("kscales", scales, persistent=False)
         self.register_buffer("kzeros", zeros, persistent=False)
 
@@ -147,9 +158,13 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         """The weight, decoded (dequant and qvl paths; torch's int4pack layout is opaque)."""
-        if self.kernel == "qvl":
-            q = cpu.unpack(self.weight, self.bits, self.in_features)
-            zeros, scales = cpu.unparams(self.kzeros, self.kscales)
+        if self.kernel in CPU_KERNELS:
+            if self.kernel == "qvl-a8":
+                q = cpu.unpack_a8(self.weight, self.bits, self.out_features)
+                zeros, scales = cpu.unparams_a8(self.kzeros, self.kscales, self.out_features)
+            else:
+                q = cpu.unpack(self.weight, self.bits, self.in_features)
+                zeros, scales = cpu.unparams(self.kzeros, self.kscales)
             g_idx = None
             if self.perm is not None:  # back to the checkpoint's column order
                 q_perm, q = q, torch.empty_like(q)
@@ -162,10 +177,14 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self._load_q(), self.zeros, self.scales, self.bits, self.group_size, self.g_idx)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """W [N, K] of the dequant or qvl path; per call, so it stays free of host syncs (CUDA graphs)."""
-        if self.kernel == "qvl":
-            w = cpu.dequantize(self.weight, self.kscales, self.kzeros, self.bits, self.in_features,
-                               self.group_size, dtype)
+        """W [N, K] of the dequant or qvl paths; per call, so it stays free of host syncs (CUDA graphs)."""
+        if self.kernel in CPU_KERNELS:
+            if self.kernel == "qvl-a8":
+                w = cpu.a8_dequantize_t(self.weight, self.kscales, self.kzeros, self.bits, self.out_features,
+                                        self.in_features, self.group_size, dtype).t().contiguous()
+            else:
+                w = cpu.dequantize(self.weight, self.kscales, self.kzeros, self.bits, self.in_features,
+                                   self.group_size, dtype)
             if self.perm is None:
                 return w
             out = torch.empty_like(w)
@@ -187,7 +206,18 @@ class QuantLinear(nn.Module):
             raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if self.kernel == "qvl":
+        if self.kernel == "qvl-a8":
+            x2 = x2.contiguous()
+            if x2.shape[0] <= cpu.A8_MAX_M:
+                y = cpu.a8_gemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size,
+                                self.out_features, self.bias)
+            else:  # a long prefill: torch's GEMM on W.T dequantized once
+                wt = cpu.a8_dequantize_t(self.weight, self.kscales, self.kzeros, self.bits, self.out_features,
+                                         self.in_features, self.group_size, x.dtype)
+                y = torch.mm(x2, wt)
+                if self.bias is not None:
+                    y += self.bias.to(x.dtype)
+        elif self.kernel == "qvl":
             x2 = x2.contiguous()
             if x2.shape[0] <= cpu.GEMV_MAX_M:
                 y = cpu.qgemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size, self.bias)

@@ -590,3 +590,420 @@ int qvl_dequant(int bits, const uint8_t *w, const uint16_t *scales, const uint8_
     return -1;
 #endif
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * 8-bit activations (quant_kernel "qvl-a8"), the way llama.cpp runs Q4_0 x Q8_0.
+ *
+ * Each row of x is rounded per block of `ablock` columns (32..256, dividing the group):
+ *     x[m, k] ~ sx[m, b] * xq[m, k],  sx = max|x over the block| / 127,  xq = round(x / sx) in int8
+ * and then, exactly in int32 per block (u8 codes x s8 activations: vpdpbusd, or vpmaddubsw where
+ * there is no VNNI), with one fp32 multiply-add per block:
+ *     y[m, n] = sum_b fma(s[n, g] * sx[m, b], sum_{k in b} (q[n, k] - z[n, g]) * xq[m, k], ...)
+ * The zero point enters the integer as -z * sum xq. Only the fp32 step rounds and it is the same
+ * sequence in every path, so a row's result is the same bits in any batch (one row included), on
+ * any thread count and in every variant (AVX-512, AVX-VNNI, AVX2).
+ *
+ * Weights are read once per call: outputs go in tiles of A8_NT = 64 (a thread's tiles are one
+ * sequential stream), and each tile serves every row of x in register blocks, the later blocks
+ * reading the tile from L1/L2. Layout (qvl.quant.cpu.pack_a8), N padded to a multiple of 64 with
+ * zero codes and scales: per tile [K/KV, 4, 16, 4] bytes, i.e. per k-step 4 vectors of 16 outputs
+ * x 4 bytes, a 32-bit lane holding one output's next bytes. int4: KV = 8 columns, byte j holds
+ * column j (low nibble) and j + 4 (high); int8: KV = 4, byte j column j.
+ * scales fp16, zeros uint8: [N/64, G, 64].
+ */
+
+#define A8_NT 64
+#define A8_STEP 256 /* bytes per k-step of a tile: 4 vectors of 64 */
+
+#ifdef QVL_SIMD
+
+typedef struct {
+    const int8_t *q;   /* [M, K] */
+    const float *s;    /* [M, nblk] */
+    const int32_t *sum; /* [M, nblk] sum of xq per block */
+    int K, nblk;
+} A8x;
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+#if defined(QVL_AVX512)
+static inline __m512 a8_widen(const void *x, int x_bf16, size_t i) {
+    if (x_bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
+    return _mm512_loadu_ps((const float *)x + i);
+}
+
+/* One row of x -> int8 codes, block scales and sums (round half to even, as torch.round). */
+static void a8_quantize_row(const void *x, int x_bf16, int m, int K, int ablock, int8_t *xq, float *sx,
+                            int32_t *sq) {
+    const int nblk = K / ablock;
+    for (int b = 0; b < nblk; b++) {
+        const size_t o = (size_t)m * K + (size_t)b * ablock;
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = 0; k < ablock; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(a8_widen(x, x_bf16, o + k)));
+        const float d = _mm512_reduce_max_ps(amax) / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+        const __m512 vid = _mm512_set1_ps(id);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        __m512i s = _mm512_setzero_si512();
+        for (int k = 0; k < ablock; k += 16) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(a8_widen(x, x_bf16, o + k), vid));
+            q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            s = _mm512_add_epi32(s, q);
+            _mm_storeu_si128((__m128i *)(xq + o + k), _mm512_cvtepi32_epi8(q));
+        }
+        sx[(size_t)m * nblk + b] = d;
+        sq[(size_t)m * nblk + b] = _mm512_reduce_add_epi32(s);
+    }
+}
+
+#ifdef __AVX512VNNI__
+#define A8_DOT4(acc, lo, xa, hi, xb) _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, xa), hi, xb)
+#define A8_DOT8(acc, v, lo, hi, xa) _mm512_dpbusd_epi32(acc, v, xa)
+#else
+/* vpmaddubsw sums two u8 x s8 products into int16: 2 * 15 * 127 per nibble pair never saturates,
+ * so 8-bit codes go as two nibbles, 16 * hi + lo */
+#define A8_DOT4(acc, lo, xa, hi, xb)                                                                      \
+    _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, xa),              \
+                                                             _mm512_maddubs_epi16(hi, xb)),             \
+                                            _mm512_set1_epi16(1)))
+#define A8_DOT8(acc, v, lo, hi, xa)                                                                       \
+    _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(hi, xa), _mm512_set1_epi16(16)), \
+                                           _mm512_madd_epi16(_mm512_maddubs_epi16(lo, xa), _mm512_set1_epi16(1))))
+#endif
+
+/* rows of x per register block: 4 x MB int32 and 4 x MB fp32 accumulators of 32 registers */
+#define A8_MB 3
+
+/* MB rows of x (from m0) against one tile: out[m][0..63] (no bias). */
+static inline __attribute__((always_inline)) void a8_tile(int bits, int MB, const A8x *x, int m0, const uint8_t *w,
+                                                          const uint16_t *sc, const uint8_t *zr, int G, int group,
+                                                          int ablock, int prefetch, float out[][A8_NT]) {
+    const int KV = bits == 4 ? 8 : 4, bpg = group / ablock, steps = ablock / KV;
+    const __m512i low = _mm512_set1_epi8(0x0f), m16 = _mm512_set1_epi32(0xffff);
+    __m512 y[A8_MB][4];
+    for (int m = 0; m < MB; m++)
+        for (int j = 0; j < 4; j++) y[m][j] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512 sw[4];
+        __m512i nz[4]; /* -z as int16 in each lane's low half, 0 in the high: vpmaddwd makes -z * sum xq */
+        for (int j = 0; j < 4; j++) {
+            sw[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + (size_t)g * A8_NT + 16 * j)));
+            nz[j] = _mm512_and_si512(_mm512_sub_epi32(_mm512_setzero_si512(), _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                                          (const __m128i *)(zr + (size_t)g * A8_NT + 16 * j)))),
+                                     m16);
+        }
+        for (int bb = 0; bb < bpg; bb++) {
+            const int b = g * bpg + bb, k0 = b * ablock;
+            __m512i acc[A8_MB][4];
+            for (int m = 0; m < MB; m++) {
+                const __m512i sqv = _mm512_set1_epi32(x->sum[(size_t)(m0 + m) * x->nblk + b] & 0xffff);
+                for (int j = 0; j < 4; j++) acc[m][j] = _mm512_madd_epi16(nz[j], sqv);
+            }
+            const uint8_t *blk = w + (size_t)(k0 / KV) * A8_STEP;
+            const int8_t *xk = x->q + (size_t)m0 * x->K + k0;
+            for (int o = 0; o < steps; o++) {
+                const uint8_t *p = blk + (size_t)o * A8_STEP;
+                if (prefetch)
+                    for (int l = 0; l < 4; l++) _mm_prefetch((const char *)p + PREFETCH + 64 * l, _MM_HINT_T0);
+                for (int j = 0; j < 4; j++) {
+                    const __m512i v = _mm512_loadu_si512(p + 64 * j);
+                    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    (void)lo;
+                    (void)hi;
+                    for (int m = 0; m < MB; m++) {
+                        const int8_t *xm = xk + (size_t)m * x->K + o * KV;
+                        const __m512i xa = _mm512_set1_epi32(load_i32(xm));
+                        if (bits == 4)
+                            acc[m][j] = A8_DOT4(acc[m][j], lo, xa, hi, _mm512_set1_epi32(load_i32(xm + 4)));
+                        else
+                            acc[m][j] = A8_DOT8(acc[m][j], v, lo, hi, xa);
+                    }
+                }
+            }
+            for (int m = 0; m < MB; m++) {
+                const __m512 s = _mm512_set1_ps(x->s[(size_t)(m0 + m) * x->nblk + b]);
+                for (int j = 0; j < 4; j++)
+                    y[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][j]), _mm512_mul_ps(sw[j], s), y[m][j]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(out[m] + 16 * j, y[m][j]);
+}
+
+/* One tile's k-step (KV columns x 64 outputs) -> W.T rows k0.. of [K, N], n0 the tile's first
+ * output, nv of its outputs valid. */
+static inline void a8_dequant_step(int bits, const uint8_t *p, const float *sf, const float *zf, void *dst,
+                                   int k0, int N, int n0, int nv, int out_bf16) {
+    const int KV = bits == 4 ? 8 : 4;
+    for (int j = 0; j < 4; j++) {
+        const int nj = nv - 16 * j;
+        if (nj <= 0) break;
+        const __mmask16 mask = nj >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nj) - 1);
+        const __m512i v = _mm512_loadu_si512(p + 64 * j);
+        const __m512 s = _mm512_loadu_ps(sf + 16 * j), z = _mm512_loadu_ps(zf + 16 * j);
+        for (int c = 0; c < KV; c++) {
+            const int shift = bits == 4 ? 8 * (c % 4) + 4 * (c / 4) : 8 * c;
+            const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(bits == 4 ? 0x0f : 0xff));
+            const __m512 f = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), z), s);
+            const size_t o = (size_t)(k0 + c) * N + n0 + 16 * j;
+            if (out_bf16) {
+                __m512i u = _mm512_castps_si512(f);
+                u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+                _mm256_mask_storeu_epi16((uint16_t *)dst + o, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            } else {
+                _mm512_mask_storeu_ps((float *)dst + o, mask, f);
+            }
+        }
+    }
+}
+
+#elif defined(QVL_AVX2)
+
+static inline __m256 a8_widen(const void *x, int x_bf16, size_t i) {
+    if (x_bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16));
+    return _mm256_loadu_ps((const float *)x + i);
+}
+
+static void a8_quantize_row(const void *x, int x_bf16, int m, int K, int ablock, int8_t *xq, float *sx,
+                            int32_t *sq) {
+    const int nblk = K / ablock;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int b = 0; b < nblk; b++) {
+        const size_t o = (size_t)m * K + (size_t)b * ablock;
+        __m256 amax = _mm256_setzero_ps();
+        for (int k = 0; k < ablock; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(a8_widen(x, x_bf16, o + k), absmask));
+        float lanes[8], mx = 0.f;
+        _mm256_storeu_ps(lanes, amax);
+        for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+        const float d = mx / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+        const __m256 vid = _mm256_set1_ps(id);
+        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+        __m256i s = _mm256_setzero_si256();
+        for (int k = 0; k < ablock; k += 8) {
+            __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(a8_widen(x, x_bf16, o + k), vid));
+            q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+            s = _mm256_add_epi32(s, q);
+            int32_t t[8];
+            _mm256_storeu_si256((__m256i *)t, q);
+            for (int i = 0; i < 8; i++) xq[o + k + i] = (int8_t)t[i];
+        }
+        int32_t t[8], tot = 0;
+        _mm256_storeu_si256((__m256i *)t, s);
+        for (int i = 0; i < 8; i++) tot += t[i];
+        sx[(size_t)m * nblk + b] = d;
+        sq[(size_t)m * nblk + b] = tot;
+    }
+}
+
+#ifdef __AVXVNNI__
+#define A8_DOT4(acc, lo, xa, hi, xb) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, xa), hi, xb)
+#define A8_DOT8(acc, v, lo, hi, xa) _mm256_dpbusd_avx_epi32(acc, v, xa)
+#else
+#define A8_DOT4(acc, lo, xa, hi, xb)                                                                      \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xa),              \
+                                                             _mm256_maddubs_epi16(hi, xb)),             \
+                                            _mm256_set1_epi16(1)))
+#define A8_DOT8(acc, v, lo, hi, xa)                                                                       \
+    _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, xa), _mm256_set1_epi16(16)), \
+                                           _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_set1_epi16(1))))
+#endif
+
+/* 16 registers: the tile goes 8 outputs (a half vector) at a time, the fp32 sums in out[][] */
+#define A8_MB 4
+
+static inline __attribute__((always_inline)) void a8_tile(int bits, int MB, const A8x *x, int m0, const uint8_t *w,
+                                                          const uint16_t *sc, const uint8_t *zr, int G, int group,
+                                                          int ablock, int prefetch, float out[][A8_NT]) {
+    const int KV = bits == 4 ? 8 : 4, bpg = group / ablock, steps = ablock / KV;
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    float swf[A8_NT];
+    int32_t nzi[A8_NT];
+    for (int m = 0; m < MB; m++) memset(out[m], 0, sizeof(float) * A8_NT);
+    for (int g = 0; g < G; g++) {
+        for (int n = 0; n < A8_NT; n++) {
+            swf[n] = half_to_f32(sc[(size_t)g * A8_NT + n]);
+            nzi[n] = (int32_t)((uint32_t)(-(int32_t)zr[(size_t)g * A8_NT + n]) & 0xffffu);
+        }
+        for (int bb = 0; bb < bpg; bb++) {
+            const int b = g * bpg + bb, k0 = b * ablock;
+            const uint8_t *blk = w + (size_t)(k0 / KV) * A8_STEP;
+            const int8_t *xk = x->q + (size_t)m0 * x->K + k0;
+            for (int j = 0; j < 8; j++) { /* outputs 8j..8j+7: bytes 32j.. of each k-step */
+                const __m256i nzj = _mm256_loadu_si256((const __m256i *)(nzi + 8 * j));
+                __m256i acc[A8_MB];
+                for (int m = 0; m < MB; m++)
+                    acc[m] = _mm256_madd_epi16(nzj, _mm256_set1_epi32(x->sum[(size_t)(m0 + m) * x->nblk + b] & 0xffff));
+                for (int o = 0; o < steps; o++) {
+                    const uint8_t *p = blk + (size_t)o * A8_STEP;
+                    if (prefetch && j == 0)
+                        for (int l = 0; l < 4; l++) _mm_prefetch((const char *)p + PREFETCH + 64 * l, _MM_HINT_T0);
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * j));
+                    const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    (void)lo;
+                    (void)hi;
+                    for (int m = 0; m < MB; m++) {
+                        const int8_t *xm = xk + (size_t)m * x->K + o * KV;
+                        const __m256i xa = _mm256_set1_epi32(load_i32(xm));
+                        if (bits == 4)
+                            acc[m] = A8_DOT4(acc[m], lo, xa, hi, _mm256_set1_epi32(load_i32(xm + 4)));
+                        else
+                            acc[m] = A8_DOT8(acc[m], v, lo, hi, xa);
+                    }
+                }
+                const __m256 swj = _mm256_loadu_ps(swf + 8 * j);
+                for (int m = 0; m < MB; m++) {
+                    const __m256 s = _mm256_set1_ps(x->s[(size_t)(m0 + m) * x->nblk + b]);
+                    __m256 yv = _mm256_loadu_ps(out[m] + 8 * j);
+                    yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_mul_ps(swj, s), yv);
+                    _mm256_storeu_ps(out[m] + 8 * j, yv);
+                }
+            }
+        }
+    }
+}
+
+static inline void a8_dequant_step(int bits, const uint8_t *p, const float *sf, const float *zf, void *dst,
+                                   int k0, int N, int n0, int nv, int out_bf16) {
+    const int KV = bits == 4 ? 8 : 4;
+    for (int c = 0; c < KV; c++) {
+        const int shift = bits == 4 ? 8 * (c % 4) + 4 * (c / 4) : 8 * c;
+        for (int n = 0; n < nv; n++) {
+            uint32_t lane;
+            memcpy(&lane, p + 4 * n, 4);
+            const float f = ((float)((lane >> shift) & (bits == 4 ? 0x0fu : 0xffu)) - zf[n]) * sf[n];
+            const size_t o = (size_t)(k0 + c) * N + n0 + n;
+            if (out_bf16)
+                ((uint16_t *)dst)[o] = f32_to_bf16(f);
+            else
+                ((float *)dst)[o] = f;
+        }
+    }
+}
+
+#endif
+
+#endif /* QVL_SIMD */
+
+static int a8_shapes_ok(int bits, int K, int N, int group, int ablock) {
+    return (bits == 4 || bits == 8) && N >= 1 && ablock >= 32 && ablock <= 256 && ablock % 32 == 0 &&
+           group % ablock == 0 && K % group == 0 && K >= group;
+}
+
+/* x [M, K] -> int8 codes [M, K], block scales and sums [M, K / ablock] (what qvl_a8_gemm
+ * multiplies with; for tests). Returns 0, or -1 (no SIMD path, ablock). */
+int qvl_a8_quantize(const void *x, int x_bf16, int M, int K, int ablock, int8_t *xq, float *sx, int32_t *sq) {
+#ifdef QVL_SIMD
+    if (ablock < 32 || ablock > 256 || ablock % 32 || K % ablock || M < 1) return -1;
+    for (int m = 0; m < M; m++) a8_quantize_row(x, x_bf16, m, K, ablock, xq, sx, sq);
+    return 0;
+#else
+    (void)x; (void)x_bf16; (void)M; (void)K; (void)ablock; (void)xq; (void)sx; (void)sq;
+    return -1;
+#endif
+}
+
+#define A8_CASE(B, MBV) a8_tile(B, MBV, &ax, m0, wt, sct, zt, G, group, ablock, m0 == 0, tile)
+
+/* y [M, N] = x [M, K] @ W.T (+ bias [N] fp32) with x rounded to int8 per block (see above).
+ * Returns 0, -1 (no SIMD path, shapes: group % ablock, K % group, ablock in 32..256 by 32) or
+ * -2 (out of memory). */
+int qvl_a8_gemm(int bits, const void *x, int x_bf16, int M, int K, const uint8_t *w, const uint16_t *scales,
+                const uint8_t *zeros, int N, int group, int ablock, const float *bias, void *y, int y_bf16,
+                int threads) {
+#ifdef QVL_SIMD
+    if (!a8_shapes_ok(bits, K, N, group, ablock) || M < 1) return -1;
+    const int G = K / group, nblk = K / ablock, tiles = (N + A8_NT - 1) / A8_NT;
+    const size_t tile_bytes = (size_t)A8_NT * K * bits / 8;
+    int8_t *xq = (int8_t *)malloc((size_t)M * K + 64);
+    float *sx = (float *)malloc(sizeof(float) * (size_t)M * nblk);
+    int32_t *sq = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * nblk);
+    if (!xq || !sx || !sq) {
+        free(xq);
+        free(sx);
+        free(sq);
+        return -2;
+    }
+    const A8x ax = {xq, sx, sq, K, nblk};
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) a8_quantize_row(x, x_bf16, m, K, ablock, xq, sx, sq);
+#pragma omp for schedule(static)
+        for (int t = 0; t < tiles; t++) {
+            const uint8_t *wt = w + (size_t)t * tile_bytes;
+            const uint16_t *sct = scales + (size_t)t * G * A8_NT;
+            const uint8_t *zt = zeros + (size_t)t * G * A8_NT;
+            const int n0 = t * A8_NT, nv = N - n0 < A8_NT ? N - n0 : A8_NT;
+            float tile[A8_MB][A8_NT];
+            for (int m0 = 0; m0 < M; m0 += A8_MB) {
+                const int mt = M - m0 < A8_MB ? M - m0 : A8_MB;
+                if (bits == 4) switch (mt) {
+#if A8_MB > 3
+                case 4: A8_CASE(4, 4); break;
+#endif
+                case 3: A8_CASE(4, 3); break;
+                case 2: A8_CASE(4, 2); break;
+                default: A8_CASE(4, 1);
+                } else switch (mt) {
+#if A8_MB > 3
+                case 4: A8_CASE(8, 4); break;
+#endif
+                case 3: A8_CASE(8, 3); break;
+                case 2: A8_CASE(8, 2); break;
+                default: A8_CASE(8, 1);
+                }
+                for (int m = 0; m < mt; m++)
+                    for (int n = 0; n < nv; n++)
+                        store(y, y_bf16, (size_t)(m0 + m) * N + n0 + n, tile[m][n] + (bias ? bias[n0 + n] : 0.f));
+            }
+        }
+    }
+    free(xq);
+    free(sx);
+    free(sq);
+    return 0;
+#else
+    (void)bits; (void)x; (void)x_bf16; (void)M; (void)K; (void)w; (void)scales; (void)zeros; (void)N;
+    (void)group; (void)ablock; (void)bias; (void)y; (void)y_bf16; (void)threads;
+    return -1;
+#endif
+}
+
+/* W.T [K, N] = (s * (q - z)).T in fp32 or bf16 (rounded once from fp32), from the a8 layout: the
+ * dense weight a large-M product multiplies with torch's GEMM. Same return codes as qvl_a8_gemm. */
+int qvl_a8_dequant_t(int bits, const uint8_t *w, const uint16_t *scales, const uint8_t *zeros, int N, int K,
+                     int group, void *out, int out_bf16, int threads) {
+#ifdef QVL_SIMD
+    if (!a8_shapes_ok(bits, K, N, group, 32)) return -1;
+    const int G = K / group, KV = bits == 4 ? 8 : 4, tiles = (N + A8_NT - 1) / A8_NT;
+    const size_t tile_bytes = (size_t)A8_NT * K * bits / 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < tiles; t++) {
+        const int n0 = t * A8_NT, nv = N - n0 < A8_NT ? N - n0 : A8_NT;
+        float sf[A8_NT], zf[A8_NT];
+        for (int g = 0; g < G; g++) {
+            for (int n = 0; n < A8_NT; n++) {
+                sf[n] = half_to_f32(scales[((size_t)t * G + g) * A8_NT + n]);
+                zf[n] = (float)zeros[((size_t)t * G + g) * A8_NT + n];
+            }
+            for (int k0 = g * group; k0 < (g + 1) * group; k0 += KV)
+                a8_dequant_step(bits, w + (size_t)t * tile_bytes + (size_t)(k0 / KV) * A8_STEP, sf, zf, out, k0, N,
+                                n0, nv, out_bf16);
+        }
+    }
+    return 0;
+#else
+    (void)bits; (void)w; (void)scales; (void)zeros; (void)N; (void)K; (void)group; (void)out; (void)out_bf16;
+    (void)threads;
+    return -1;
+#endif
+}

@@ -25,9 +25,12 @@ class LoadOptions:
     ``QVL_ALLOW_PRIVATE_ADDRESSES`` env var, else off: every resolved address and redirect is checked).
     ``vision_backend``: "torch", or "onnx" to run the vision tower from ``path/vision.onnx`` in
     onnxruntime (see ``qvl export onnx``); its torch weights are then not loaded.
-    ``quant_kernel`` (quantized checkpoints): "auto" (fastest that runs here), "qvl" (qvl's
-    AVX-512 or AVX2 CPU kernel), "int4pack" (torch's int4 kernel) or "dequant"; a named kernel that
-    cannot run a layer is an error.
+    ``quant_kernel`` (quantized checkpoints): "auto" (the fastest exact kernel that runs here), "qvl"
+    (qvl's AVX-512 or AVX2 CPU kernel), "qvl-a8" (qvl's CPU kernel with each row of activations
+    rounded to int8 per 32 columns, as llama.cpp's Q8_0: integer dot products, the weights read once
+    for up to 64 rows, so batched decode and short prefills are faster; not exact, KL and greedy
+    agreement in bench/results/a8.md), "int4pack" (torch's int4 kernel) or "dequant"; a named
+    kernel that cannot run a layer is an error.
     ``decode_kv``: "full" (fixed shapes, the whole cache under a mask) or "live" (the longest live
     prefix); default "full" where the step is a CUDA graph, else "live".
     ``cuda_graphs``: capture the decode step per batch bucket (default: on for CUDA devices).
@@ -41,11 +44,6 @@ class LoadOptions:
     same instructions, a chat's earlier turns, the same pictures) prefills only what follows;
     ``vision_cache_mb``: vision-tower outputs kept per picture. Both least recently used out
     first; 0 turns one off (``qvl.runtime.prefix_cache``).
-    ``vision_quant``: "none" (the checkpoint's float tower) or "int8" (the torch tower's linears held
-    as int8, per output channel, rounded at load: ~half the tower's bytes; ``qvl.runtime.vision_quant``).
-    The ONNX tower's precision is chosen at export (``qvl export onnx --vision-quant int8``).
-    ``kv_cache_dtype``: "auto" (the model dtype) or "int8" (codes + one fp16 scale per head and
-    position, dequantized as attention reads them: ~half a bf16 cache's bytes; ``qvl.model.kv_cache``).
     """
 
     device: str = "cpu"
@@ -66,8 +64,6 @@ class LoadOptions:
     head: str = "checkpoint"
     prefix_cache_mb: float = 256.0
     vision_cache_mb: float = 64.0
-    vision_quant: str = "none"
-    kv_cache_dtype: str = "auto"
 
 
 def option_names() -> list[str]:

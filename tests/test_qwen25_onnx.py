@@ -48,16 +48,22 @@ def test_graph_takes_the_window_order(art):
     assert sec["validation"]["max_rel"] < 1e-5
 
 
-@pytest.mark.parametrize("grids", UNSEEN)
-def test_matches_transformers_and_torch(art, ckpt, grids):
+@pytest.fixture(scope="module")
+def towers(art, ckpt):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    return hf.model.visual, load_vision_tower(ckpt), OnnxVision.from_checkpoint(art, 2)
+
+
+@pytest.mark.parametrize("grids", UNSEEN)
+def test_matches_transformers_and_torch(towers, grids):
+    hf_tower, tower, vision = towers
     pv, g = _pixels(grids, len(grids))
-    got = OnnxVision.from_checkpoint(art, 2).encode(pv, g)
+    got = vision.encode(pv, g)
     with torch.no_grad():
-        ref = hf.model.visual(pv, grid_thw=g).pooler_output
-        ours = load_vision_tower(ckpt).encode(pv, g)
+        ref = hf_tower(pv, grid_thw=g).pooler_output
+        ours = tower.encode(pv, g)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     assert ((got - ours).abs().max() / ours.abs().max()).item() < 1e-5
 
