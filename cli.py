@@ -212,7 +212,8 @@ def add_load_options(sp) -> None:
     sp.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16 | auto")
     sp.add_argument("--vision-backend", default=d.vision_backend, choices=["torch", "onnx"],
                     help="onnx: run MODEL/vision.onnx in onnxruntime (made by `qvl export onnx`)")
-    sp.add_argument("--quant-kernel", default=d.quant_kernel, choices=["auto", "qvl", "int4pack", "dequant"],
+    sp.add_argument("--quant-kernel", default=d.quant_kernel,
+                    choices=["auto", "qvl", "qvl-a8", "int4pack", "dequant"],
                     help="quantized checkpoints: the linears' path (auto: the fastest that runs here)")
     sp.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
     sp.add_argument("--head", default=d.head, choices=["checkpoint", "int8", "int4"],
