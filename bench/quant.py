@@ -15,6 +15,10 @@ the numbers compare with ``core-*.md``. Added per scheme: resident bytes of the 
 and the bytes one decode step reads (decoder linears + lm_head) which, times tokens/s, is the
 achieved GB/s set against the machine's copy bandwidth. transformers bf16 is the reference: taken from
 ``core-bfloat16.json`` when that exists for the same token count, else run here.
+
+``*-q8head`` schemes load the same checkpoints with ``head="int8"`` (:mod:`qvl.runtime.head`).
+Quality: each scheme's KL against the bf16 checkpoint and top-1 agreement per text token,
+teacher-forced over synthetic chats (:func:`kl_worker`, one process, one model at a time).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
+from typing import NamedTuple
 
 from qvl.bench import core, fixtures, harness, interleave, probe, report
 from qvl.bench.probe import GB
@@ -35,16 +41,27 @@ from qvl.bench.report import fmt as _f
 log = logging.getLogger("qvl.bench.quant")
 
 BUILD_VERSION = 1
-# name -> (checkpoint kind, activation dtype, quantized linears' kernel)
+
+
+class Scheme(NamedTuple):
+    kind: str | None  # quantized checkpoint kind (None: the float checkpoint)
+    dtype: str  # activations
+    kernel: str = "auto"  # the quantized linears' kernel
+    head: str = "checkpoint"  # qvl.load(head=...): the artifact's head, or one quantized at load
+
+
 SCHEMES = {
-    "fp32": (None, "float32", "auto"),
-    "bf16": (None, "bfloat16", "auto"),
-    "int8": ("gptq-int8", "bfloat16", "auto"),
-    "int4": ("gptq-int4", "bfloat16", "auto"),
-    "awq": ("awq", "bfloat16", "auto"),
+    "fp32": Scheme(None, "float32"),
+    "bf16": Scheme(None, "bfloat16"),
+    "int8": Scheme("gptq-int8", "bfloat16"),
+    "int4": Scheme("gptq-int4", "bfloat16"),
+    "awq": Scheme("awq", "bfloat16"),
     # torch's own int4 kernel on the same checkpoint: what qvl's CPU kernel is measured against
-    "int4-torch": ("gptq-int4", "bfloat16", "int4pack"),
-    "int4-fp32": ("gptq-int4", "float32", "auto"),  # fp32 activations (torch's int4 kernel: bf16 only)
+    "int4-torch": Scheme("gptq-int4", "bfloat16", "int4pack"),
+    "int4-fp32": Scheme("gptq-int4", "float32"),  # fp32 activations (torch's int4 kernel: bf16 only)
+    # the tied 151936 x 1536 head as 8-bit rows (runtime/head.py): 40% of an int4 step's bytes otherwise
+    "int4-q8head": Scheme("gptq-int4", "bfloat16", head="int8"),
+    "int8-q8head": Scheme("gptq-int8", "bfloat16", head="int8"),
 }
 
 
@@ -133,11 +150,86 @@ def weight_bytes(model) -> dict:
             "kernels": sorted({getattr(m, "kernel", "dense") for m in linears})}
 
 
+@contextmanager
+def _loading_head(head: str):
+    """``qvl.load`` with ``head=head`` bound, for ``core.measure_qvl``, which loads with the default."""
+    import qvl
+
+    load = qvl.load
+    qvl.load = lambda path, **options: load(path, **dict(options, head=head))
+    try:
+        yield
+    finally:
+        qvl.load = load
+
+
 @harness.worker(memory=True)
 def qvl_worker(spec: dict, res: dict) -> None:
+    """core's measurement of ``spec["ckpt"]``; ``spec["head"]`` (default "checkpoint") as qvl.load's."""
     res["kind"] = "qvl"
-    engine = core.measure_qvl(spec, res)
+    res["head"] = spec.get("head", "checkpoint")
+    with _loading_head(res["head"]):
+        engine = core.measure_qvl(spec, res)
     res.update(weight_bytes(engine.model))
+
+
+# --------------------------------------------------------------------------------------------
+# worker: KL against the float model
+
+
+KL_MAX_SEQ = 1024
+
+
+def kl_samples(n: int) -> list:
+    """``n`` synthetic chats (a picture, a question, the reference answer), the tasks in turn."""
+    from qvl.export.synth import TASKS, make_sample
+
+    return [make_sample(TASKS[i % len(TASKS)], i, seed=7) for i in range(n)]
+
+
+def kl_measure(ref: tuple, models: dict[str, tuple], chats: int) -> dict:
+    """KL(ref || model) and top-1 agreement per text token, teacher-forced over ``chats`` chats.
+
+    ``ref`` and each model are (ckpt, dtype[, kernel[, head]]); loaded one at a time, so a
+    process holds the reference's log-probabilities and one model, never two models.
+    """
+    import torch
+
+    import qvl
+
+    def load(ckpt, dtype, kernel="auto", head="checkpoint"):
+        return qvl.load(ckpt, dtype=dtype, quant_kernel=kernel, head=head, max_seq_len=KL_MAX_SEQ,
+                        prefix_cache_mb=0, vision_cache_mb=0)
+
+    samples = kl_samples(chats)
+    eng = load(*ref)
+    refs = []  # (messages, answer ids, log-probs [N, vocab], targets [N])
+    for s in samples:
+        answer = eng.tokenizer.encode(s.answer)
+        refs.append((s.messages(), answer, *eng.text_logprobs(s.messages(), answer)))
+    eng.close()
+    out = {}
+    for name, model in models.items():
+        log.info("KL: %s", name)
+        eng = load(*model)
+        kl = top1 = n = 0.0
+        for messages, answer, lp_ref, targets in refs:
+            lp, t = eng.text_logprobs(messages, answer)
+            if not torch.equal(t, targets):
+                raise RuntimeError(f"{name}: other text tokens than the reference's")
+            kl += float((lp_ref.exp() * (lp_ref - lp)).sum())
+            top1 += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
+            n += len(targets)
+        eng.close()
+        out[name] = {"kl": kl / n, "top1": top1 / n, "tokens": int(n)}
+    return out
+
+
+@harness.worker(memory=True)
+def kl_worker(spec: dict, res: dict) -> None:
+    """``spec``: {"ref": [ckpt, dtype], "models": {name: [ckpt, dtype, kernel, head]}, "chats": N}."""
+    res["models"] = kl_measure(tuple(spec["ref"]), {k: tuple(v) for k, v in spec["models"].items()},
+                               spec["chats"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,27 +316,34 @@ def render_markdown(result: dict) -> str:
         f"best of the measurements before and after the engines: "
         f"{', '.join(_f(x, '{:.1f}') for x in (result.get('bandwidth') or {}).get('measurements_gb_s', []))}).",
         "",
-        "| scheme | activations | kernel | load s | first token s | decode tok/s | vs qvl bf16 | peak RSS GB "
-        "| decoder weights GB | read/token GB | achieved GB/s | of copy bw |",
-        "|---" * 12 + "|",
+        "| scheme | activations | kernel | head | load s | first token s | decode tok/s | vs qvl bf16 | peak RSS GB "
+        "| decoder weights GB | read/token GB | achieved GB/s | of copy bw | KL vs bf16 | top-1 |",
+        "|---" * 15 + "|",
     ]
     for name in result["schemes"]:
         r = result["engines"].get(name) or {"error": "not run"}
         if "error" in r:
-            lines.append(f"| {name} | ERROR: {str(r['error'])[:150]} |" + " |" * 10)
+            lines.append(f"| {name} | ERROR: {str(r['error'])[:150]} |" + " |" * 13)
             continue
         lines.append(" | ".join([
             f"| {r.get('label', name)}", r.get("act_dtype", "-"), ",".join(r.get("kernels", ["-"])),
-            _f(r.get("load_s")), _f(r.get("first_token_s")), _f(r.get("decode_tok_s")),
+            r.get("head", "-"), _f(r.get("load_s")), _f(r.get("first_token_s")), _f(r.get("decode_tok_s")),
             _f(r.get("decode_vs_qvl_bf16"), "{:.2f}x"), _f(r.get("peak_rss_gb")),
             _f(r.get("decoder_linear_bytes") and r["decoder_linear_bytes"] / GB, "{:.3f}"),
             _f(r.get("bytes_per_token") and r["bytes_per_token"] / GB, "{:.3f}"),
             _f(r.get("achieved_gb_s"), "{:.1f}"), _f(r.get("fraction_of_roofline") and
-                                                    100 * r["fraction_of_roofline"], "{:.0f}%")]) + " |")
+                                                    100 * r["fraction_of_roofline"], "{:.0f}%"),
+            _f(r.get("kl"), "{:.2e}"), _f(r.get("top1") and 100 * r["top1"], "{:.1f}%")]) + " |")
     lines.append("")
     lines.append("read/token = decoder linears (packed weights + scales/zeros + biases) + lm_head, as held in "
                  "memory; achieved GB/s = that x decode tok/s; 'of copy bw' = decode tok/s over copy bandwidth / "
                  "read/token. transformers' row uses its bf16 weight bytes.")
+    if result.get("kl"):
+        kl = result["kl"]
+        lines.append(f"KL vs bf16: KL(bf16 checkpoint || scheme) per text token, teacher-forced over "
+                     f"{kl['chats']} synthetic chats (a picture, a question, its answer); top-1: how often the two "
+                     f"agree on the most likely token. Random weights: what the rounding does to these shapes, not to "
+                     f"a trained model." + (f" KL failed: {kl['error']}" if "error" in kl else ""))
     lines += _interleaved_lines(result)
     tf = result["engines"].get("transformers") or {}
     if tf.get("source"):
@@ -272,6 +371,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=None, help="default 128 (2B), 32 (tiny)")
     ap.add_argument("--transformers", choices=("auto", "run", "skip"), default="auto",
                     help="auto: reuse core-bfloat16.json's transformers numbers when present, else run")
+    ap.add_argument("--kl-chats", type=int, default=8,
+                    help="synthetic chats for each scheme's KL against the bf16 checkpoint (0: skip)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=3600.0)
@@ -286,7 +387,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
 
     base = fixtures.ensure_checkpoint(args.config)
-    ckpts = {s: base if SCHEMES[s][0] is None else ensure_quantized(base, SCHEMES[s][0], group) for s in schemes}
+    ckpts = {s: base if SCHEMES[s].kind is None else ensure_quantized(base, SCHEMES[s].kind, group) for s in schemes}
     result = {"config": args.config, "group_size": group, "new_tokens": args.new_tokens, "threads": threads,
               "repeats": args.repeats, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "schemes": schemes + (["transformers"] if args.transformers != "skip" else []),
@@ -299,12 +400,12 @@ def main(argv=None) -> int:
             probe.wait_for_idle(args.wait_idle)
         bandwidth = [core.run_worker(core.bandwidth_worker, spec, args.timeout)]
         for s in schemes:
-            kind, dtype, kernel = SCHEMES[s]
+            kind, dtype, kernel, head = SCHEMES[s]
             probe.warm_page_cache(ckpts[s])
             if args.wait_idle:
                 probe.wait_for_idle(args.wait_idle)
-            log.info("%s: qvl %s on %s", s, dtype, ckpts[s].name)
-            r = harness.run(qvl_worker, dict(spec, ckpt=str(ckpts[s]), dtype=dtype, quant_kernel=kernel),
+            log.info("%s: qvl %s on %s, head %s", s, dtype, ckpts[s].name, head)
+            r = harness.run(qvl_worker, dict(spec, ckpt=str(ckpts[s]), dtype=dtype, quant_kernel=kernel, head=head),
                             timeout=args.timeout, label=s)
             result["engines"][s] = dict(r, act_dtype=dtype, label=f"qvl {s}" + (f" ({kind})" if kind else ""))
         if args.transformers != "skip":
@@ -319,15 +420,26 @@ def main(argv=None) -> int:
             bpt = core.decoder_bytes_per_token(raw, "bfloat16")["bytes"]
             result["engines"]["transformers"] = dict(tf, act_dtype="bfloat16", kernels=["dense"],
                                                      label="transformers bf16", bytes_per_token=bpt)
-        steps = [s for s in schemes if SCHEMES[s][1] != "float32"]  # fp32 would need 9 GB more in one process
+        # fp32 would need 9 GB more in one process; interleave loads the checkpoint's head only
+        steps = [s for s in schemes if SCHEMES[s].dtype != "float32" and SCHEMES[s].head == "checkpoint"]
         if args.interleaved_steps and steps:
             log.info("decode steps of %s interleaved in one process", ",".join(steps))
             result["interleaved"] = harness.run(
                 interleave.decode_worker,
-                {"models": {s: [str(ckpts[s]), *SCHEMES[s][1:]] for s in steps}, "steps": args.interleaved_steps,
+                {"models": {s: [str(ckpts[s]), SCHEMES[s].dtype, SCHEMES[s].kernel] for s in steps},
+                 "steps": args.interleaved_steps,
                  "threads": threads}, timeout=args.timeout, label="interleaved")
             for s, r in (result["interleaved"].get("models") or {}).items():
                 r["bytes_per_token"] = result["engines"].get(s, {}).get("bytes_per_token")
+        scored = [s for s in schemes if SCHEMES[s] != SCHEMES["bf16"]]
+        if args.kl_chats and scored:
+            log.info("KL of %s against bf16 over %d chats", ",".join(scored), args.kl_chats)
+            kl = harness.run(kl_worker, {"ref": [str(base), "bfloat16"], "chats": args.kl_chats,
+                                         "models": {s: [str(ckpts[s]), *SCHEMES[s][1:]] for s in scored}},
+                             timeout=args.timeout, label="kl")
+            result["kl"] = dict(kl, chats=args.kl_chats)
+            for s, q in (kl.get("models") or {}).items():
+                result["engines"][s].update(kl=q["kl"], top1=q["top1"])
         # again at the end: the best of the two, as other processes only ever make a copy slower
         bandwidth.append(core.run_worker(core.bandwidth_worker, spec, args.timeout))
     ok = [b for b in bandwidth if b.get("bandwidth_gb_s")]
