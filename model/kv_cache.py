@@ -42,8 +42,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes [..., D] and scales [..., 1] -> values in ``dtype`` (the product in fp32, rounded once)."""
-    return (q.float() * scale.float()).to(dtype)
+    """codes [..., D] and scales [..., 1] -> values in ``dtype``: the product rounded once (the codes
+    are exact in any float dtype, and a bf16 x fp16 product is computed in fp32), in two passes."""
+    return q.to(dtype).mul_(scale)
 
 
 class KVCache(nn.Module):
