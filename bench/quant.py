@@ -62,6 +62,11 @@ SCHEMES = {
     # the tied 151936 x 1536 head as 8-bit rows (runtime/head.py): 40% of an int4 step's bytes otherwise
     "int4-q8head": Scheme("gptq-int4", "bfloat16", head="int8"),
     "int8-q8head": Scheme("gptq-int8", "bfloat16", head="int8"),
+    # activations rounded to int8 per 32 columns inside the kernel (as llama.cpp's Q8_0 dot products)
+    "int4-a8": Scheme("gptq-int4", "bfloat16", "qvl-a8"),
+    "int8-a8": Scheme("gptq-int8", "bfloat16", "qvl-a8"),
+    "int4-a8-q8head": Scheme("gptq-int4", "bfloat16", "qvl-a8", "int8"),
+    "int8-a8-q8head": Scheme("gptq-int8", "bfloat16", "qvl-a8", "int8"),
 }
 
 
