@@ -22,7 +22,9 @@ def _load(args):
     from qvl.runtime.loader import check_device
 
     check_device(args.device)  # before anything reads the checkpoint, as one line (a DeviceError)
-    return qvl.load(args.model, **{k: getattr(args, k) for k in option_names() if hasattr(args, k)})
+    # an option left at None takes LoadOptions' default, or what --memory-budget allows
+    return qvl.load(args.model, **{k: getattr(args, k) for k in option_names()
+                                   if hasattr(args, k) and getattr(args, k) is not None})
 
 
 def _gen_kwargs(args) -> dict:
@@ -177,7 +179,7 @@ def cmd_serve(args) -> int:
         api_key=args.api_key or os.environ.get("QVL_API_KEY") or None, media=media,
         request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         default_max_tokens=args.default_max_tokens, sampling_defaults=generation_defaults(args.model),
-        max_model_len=args.max_seq_len)
+        max_model_len=engine.model.max_seq)
     return server.run_server(engine, settings, args.host, args.port, args.verbose)
 
 
@@ -215,7 +217,11 @@ def add_load_options(sp) -> None:
     sp.add_argument("--quant-kernel", default=d.quant_kernel,
                     choices=["auto", "qvl", "qvl-a8", "int4pack", "dequant"],
                     help="quantized checkpoints: the linears' path (auto: the fastest that runs here)")
-    sp.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    sp.add_argument("--max-seq-len", type=int, default=None,
+                    help=f"the KV cache's tokens per slot (default {d.max_seq_len}, or what --memory-budget allows)")
+    sp.add_argument("--memory-budget", metavar="SIZE", default=d.memory_budget,
+                    help="e.g. 4GB: plan the load to peak under it, choosing --max-seq-len where not given; "
+                         "refuse what does not fit (see `qvl plan`)")
     sp.add_argument("--head", default=d.head, choices=["checkpoint", "int8", "int4"],
                     help="the output head: the checkpoint's own, or quantized at load (a fifth fewer bytes a "
                          "2B decode step reads)")
@@ -223,6 +229,22 @@ def add_load_options(sp) -> None:
                     help="int8: the torch vision tower's linears in 8 bits, rounded at load (about half its bytes)")
     sp.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "int8"],
                     help="int8: the KV cache in 8 bits with a scale per head and position (about half its bytes)")
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from qvl.runtime.plan import make_plan, read_checkpoint
+
+    if args.memory_budget is None:
+        raise ValueError("qvl plan needs --budget SIZE (e.g. 4GB)")
+    plan = make_plan(read_checkpoint(Path(args.model)), args.memory_budget, dtype=args.dtype, head=args.head,
+                     quant_kernel=args.quant_kernel, device=args.device, vision_backend=args.vision_backend,
+                     max_seq_len=args.max_seq_len, max_batch=args.max_batch, max_pixels=args.max_pixels,
+                     vision_quant=getattr(args, "vision_quant", "none"),
+                     kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.describe())
+    return 0 if plan.fits else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install 'qvl[serve]')")
     add_serve_options(sv)
     sv.set_defaults(func=cmd_serve)
+    pl = sub.add_parser("plan", help="what a checkpoint needs and what fits a memory budget (reads headers only)")
+    pl.add_argument("model", help="checkpoint directory")
+    add_load_options(pl)
+    pl.add_argument("--budget", dest="memory_budget", metavar="SIZE", help="e.g. 4GB, 3.5GiB (GB = 10^9 bytes)")
+    pl.add_argument("--max-pixels", type=int, help="the picture to keep room for (default 448 x 448)")
+    pl.add_argument("--max-batch", type=int, help="KV-cache slots (default 1)")
+    pl.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    pl.set_defaults(func=cmd_plan)
     register_export(sub)
     register_eval(sub)
     return p

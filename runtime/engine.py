@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import time
@@ -14,13 +15,15 @@ import torch
 
 from qvl.model.kv_cache import check_kv_cache_dtype
 from qvl.runtime.core import EngineCore
-from qvl.runtime.errors import PromptTooLongError, QueueFullError
+from qvl.runtime.errors import MemoryBudgetError, PromptTooLongError, QueueFullError
 from qvl.runtime.fetch import FetchPolicy
 from qvl.runtime.head import check_head, quantize_head
 from qvl.runtime.inputs import InputLimits
 from qvl.runtime.loader import check_device, load_model, read_config, read_json_object
 from qvl.runtime.onnx_vision import OnnxVision
+from qvl.quant import cpu as cpu_kernel
 from qvl.runtime.options import LoadOptions
+from qvl.runtime.plan import check_pictures, make_plan, pin_allocator, read_checkpoint
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
 from qvl.runtime.prompt import Request, build_request
 from qvl.runtime.runner import ModelRunner
@@ -55,6 +58,9 @@ class Engine:
         path = Path(path)
         t0 = time.perf_counter()
         self.device = check_device(opts.device)
+        self.plan = None
+        if opts.memory_budget is not None:  # before anything is allocated: what does not fit fails here
+            opts = self.options = self._apply_plan(path, opts, options)
         if opts.vision_backend not in ("torch", "onnx"):
             raise ValueError(f"vision_backend {opts.vision_backend!r}: use 'torch' or 'onnx'")
         self.vision = None  # None: the model's own torch tower
@@ -76,7 +82,8 @@ class Engine:
         self.processor = ImageProcessor(ImageProcessorConfig.from_dir(path))
         self.video_processor = VideoProcessor(VideoProcessorConfig.from_dir(path))
         self.fetch_policy = FetchPolicy.from_env(opts.allow_remote, opts.allow_private_addresses)
-        self.limits = InputLimits(opts.max_image_pixels, opts.max_decode_pixels, opts.max_vision_tokens)
+        self.limits = InputLimits(opts.max_image_pixels, opts.max_decode_pixels, opts.max_vision_tokens,
+                                  self.plan.max_pixels if self.plan is not None else None)
         self.stop_ids = _stop_ids(path, self.tokenizer)
         cfg = self.model.cfg
         self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
@@ -85,13 +92,33 @@ class Engine:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(opts, name)!r}")
         runner = ModelRunner(self.model, self.vision, self.image_token_id, self.video_token_id, self.device,
                              opts.prefill_chunk, opts.decode_kv, opts.cuda_graphs,
-                             int(opts.prefix_cache_mb * 2**20), int(opts.vision_cache_mb * 2**20))
+                             int(opts.prefix_cache_mb * 2**20), int(opts.vision_cache_mb * 2**20),
+                             self.plan.max_call_patches if self.plan is not None else None)
         self._core = EngineCore(runner, Scheduler(opts.max_batch, opts.max_queue), self.tokenizer)
         weakref.finalize(self, self._core.stop)
         self.load_s = time.perf_counter() - t0
         self.last_stats = Stats()
         log.info("qvl engine ready in %.2fs (max_seq_len=%d, max_batch=%d)", self.load_s, opts.max_seq_len,
                  opts.max_batch)
+
+    def _apply_plan(self, path: Path, opts: LoadOptions, given: dict) -> LoadOptions:
+        """``opts`` with what ``memory_budget`` allows for the options the caller left out; a
+        ``MemoryBudgetError`` naming the part when nothing fits (``qvl.runtime.plan``)."""
+        chosen = ("max_seq_len", "max_batch", "prefix_cache_mb", "vision_cache_mb")
+        plan = make_plan(read_checkpoint(path), opts.memory_budget, dtype=opts.dtype, head=opts.head,
+                         quant_kernel=opts.quant_kernel, device=self.device.type, vision_backend=opts.vision_backend,
+                         prefill_chunk=opts.prefill_chunk, max_image_pixels=opts.max_image_pixels,
+                         vision_quant=getattr(opts, "vision_quant", "none"),
+                         kv_cache_dtype=getattr(opts, "kv_cache_dtype", "auto"),
+                         qvl_kernel=self.device.type == "cpu" and cpu_kernel.isa() is not None,
+                         **{k: getattr(opts, k) for k in chosen if k in given})
+        if not plan.fits:
+            raise MemoryBudgetError(f"{path} does not fit memory_budget={opts.memory_budget!r}: {plan.refusal}")
+        pin_allocator()
+        self.plan = plan
+        log.info("memory plan: %s", plan.describe().replace("\n", "; "))
+        return dataclasses.replace(opts, max_seq_len=plan.max_seq_len, max_batch=plan.max_batch,
+                                   prefix_cache_mb=plan.prefix_cache_mb, vision_cache_mb=plan.vision_cache_mb)
 
     def state(self) -> dict:
         """What a health check or metrics endpoint reports: ``running``, ``queue_depth``,
@@ -108,8 +135,11 @@ class Engine:
 
     def _request(self, messages, add_vision_id: bool) -> Request:
         merge = self.model.cfg.vision.spatial_merge_size
-        return build_request(messages, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
-                             self.fetch_policy, self.limits, self.model.max_seq)
+        req = build_request(messages, self.tokenizer, self.processor, merge, add_vision_id, self.video_processor,
+                            self.fetch_policy, self.limits, self.model.max_seq)
+        if self.plan is not None:
+            check_pictures(self.plan, req.grids, [v.grid for v in req.videos])
+        return req
 
     def submit(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                seed=None, stop=(), add_vision_id=False, ignore_eos=False) -> Handle:

@@ -8,3 +8,7 @@ class PromptTooLongError(ValueError):
 class QueueFullError(RuntimeError):
     """Every slot is busy and the waiting queue holds ``max_queue`` requests (HTTP 429)."""
 
+
+class MemoryBudgetError(ValueError):
+    """What ``memory_budget`` cannot hold: the checkpoint at load (naming the part), or one request's
+    pictures (``qvl.runtime.plan``)."""

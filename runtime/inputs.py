@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qvl.runtime.errors import MemoryBudgetError
 from qvl.runtime.fetch import FetchPolicy, download, is_url
 
 logger = logging.getLogger(__name__)
@@ -210,9 +211,10 @@ class InputLimits:
     max_image_pixels: int = IMAGE_MAX_TOKEN_NUM * 28 * 28
     max_decode_pixels: int = 64_000_000
     max_vision_tokens: int | None = None  # a request's images and videos together; None: the KV cache bounds them
+    budget_pixels: int | None = None  # the largest image a memory budget's room for the vision tower takes
 
     def __post_init__(self):
-        for name in ("max_image_pixels", "max_decode_pixels", "max_vision_tokens"):
+        for name in ("max_image_pixels", "max_decode_pixels", "max_vision_tokens", "budget_pixels"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -233,6 +235,11 @@ def _checked_size(item: dict, image: Image.Image, factor: int, limits: InputLimi
         raise ValueError(f"image {_describe(item_source(item))} would be resized to {width}x{height} = "
                          f"{width * height} pixels, over the limit of {limits.max_image_pixels} "
                          "(max_image_pixels at load); ask for fewer with max_pixels")
+    if limits.budget_pixels is not None and height * width > limits.budget_pixels:
+        raise MemoryBudgetError(f"image {_describe(item_source(item))} would be resized to {width}x{height} = "
+                                f"{width * height} pixels: the vision tower's activations for it would pass the "
+                                f"memory budget, which has room for {limits.budget_pixels} pixels a call; ask for "
+                                "fewer with max_pixels")
     return height, width
 
 

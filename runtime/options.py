@@ -44,6 +44,16 @@ class LoadOptions:
     same instructions, a chat's earlier turns, the same pictures) prefills only what follows;
     ``vision_cache_mb``: vision-tower outputs kept per picture. Both least recently used out
     first; 0 turns one off (``qvl.runtime.prefix_cache``).
+    ``memory_budget``: the most memory the process may peak at ("4GB", "3.5GiB"; GB = 10^9 bytes),
+    planned from the checkpoint's headers before anything is allocated (``qvl.runtime.plan``):
+    ``MemoryBudgetError`` naming the part that does not fit; ``max_seq_len``, ``max_batch`` and the
+    cache sizes not given are chosen to fit; a request whose pictures would pass it is refused, and
+    a request's images are encoded in groups the budget holds.
+    ``vision_quant``: "none" (the checkpoint's float tower) or "int8" (the torch tower's linears held
+    as int8, per output channel, rounded at load: ~half the tower's bytes; ``qvl.runtime.vision_quant``).
+    The ONNX tower's precision is chosen at export (``qvl export onnx --vision-quant int8``).
+    ``kv_cache_dtype``: "auto" (the model dtype) or "int8" (codes + one fp16 scale per head and
+    position, dequantized as attention reads them: ~half a bf16 cache's bytes; ``qvl.model.kv_cache``).
     """
 
     device: str = "cpu"
@@ -64,6 +74,9 @@ class LoadOptions:
     head: str = "checkpoint"
     prefix_cache_mb: float = 256.0
     vision_cache_mb: float = 64.0
+    memory_budget: str | int | None = None
+    vision_quant: str = "none"
+    kv_cache_dtype: str = "auto"
 
 
 def option_names() -> list[str]:

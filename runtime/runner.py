@@ -23,7 +23,7 @@ import torch
 
 from qvl.model.qwen2_vl import Qwen2VL
 from qvl.model.rope import rope_index
-from qvl.runtime.embed import encode_video_chunk, sync, video_chunks
+from qvl.runtime.embed import VIDEO_CHUNK_PATCHES, encode_video_chunk, sync, video_chunks
 from qvl.runtime.prefix_cache import PrefixCache, VisionCache
 from qvl.runtime.sequence import Sequence
 
@@ -63,10 +63,28 @@ def token_keys(ids: list[int], spans, vision_keys: list[bytes]) -> list:
     return keys
 
 
+def image_groups(encode: list[tuple[int, int]], sizes: list[int], cap: int | None) -> list[list[tuple[int, int]]]:
+    """``encode``'s (span, image) pairs cut, in order, into tower calls of at most ``cap`` patches
+    (one call: no cap). Attention never crosses an image, so the groups' embeddings are one call's."""
+    if cap is None:
+        return [encode]
+    groups, total = [], cap + 1
+    for item in encode:
+        n = sizes[item[1]]
+        if total + n > cap:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += n
+    return groups
+
+
 class ModelRunner:
     def __init__(self, model: Qwen2VL, vision, image_token_id: int, video_token_id: int, device,
                  prefill_chunk: int = 256, decode_kv: str | None = None, cuda_graphs: bool | None = None,
-                 prefix_cache_bytes: int = 0, vision_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, vision_cache_bytes: int = 0, vision_call_patches: int | None = None):
+        """``vision_call_patches``: the most patches one vision-tower call may take (a memory budget's
+        room for its activations): a request's images go in groups under it, videos in chunks."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.device = model, torch.device(device)
@@ -87,6 +105,7 @@ class ModelRunner:
         self.caches = [layer.self_attn.kv_cache for layer in model.layers]
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
+        self.vision_call_patches = vision_call_patches
 
     # --- prefill ---------------------------------------------------------------------------
 
@@ -131,10 +150,12 @@ class ModelRunner:
                 encode.append((i, number))
             else:
                 video = req.videos[number]
-                chunks = video_chunks(video)
+                chunks = video_chunks(video, min(VIDEO_CHUNK_PATCHES, self.vision_call_patches or VIDEO_CHUNK_PATCHES))
                 jobs += [("video", i, video, t0, t1, j == len(chunks) - 1) for j, (t0, t1) in enumerate(chunks)]
         if encode:
-            jobs.insert(0, ("image", encode, None, 0, 0, True))
+            sizes = [g[0] * g[1] * g[2] for g in req.grids]
+            groups = image_groups(encode, sizes, self.vision_call_patches)
+            jobs[:0] = [("image", group, None, 0, 0, True) for group in groups]
         seq.work.update(ids=ids, embeds=self.model.embed_tokens(ids.to(self.device)),
                         positions=positions.to(self.device), jobs=jobs, vis=vis, parts={}, spans=spans, spliced=False,
                         keyed=keyed)
@@ -172,7 +193,7 @@ class ModelRunner:
     def _vision_job(self, seq: Sequence, job) -> None:
         kind, what, video, t0, t1, last = job
         req, w, t = seq.request, seq.work, time.perf_counter()
-        if kind == "image":  # every image not cached, in one tower call
+        if kind == "image":  # the images not cached, in one tower call (per group under a memory budget)
             sizes = [g[0] * g[1] * g[2] for g in req.grids]
             starts = [sum(sizes[:j]) for j in range(len(sizes))]
             rows = torch.cat([req.pixel_values[starts[j] : starts[j] + sizes[j]] for _, j in what])
