@@ -208,7 +208,8 @@ def render(result: dict) -> str:
             lines += ["", f"Vision features, int8 vs float tower ({qr['patches']} patches): relative L2 "
                       f"{f['rel_l2']:.2e}, lowest cosine {f['min_cos']:.6f}, max |diff| / max |float| {f['max_rel']:.2e}. "
                       f"Tower time: float {ts['float']:.3f} s, int8 {ts['int8']:.3f} s "
-                      f"(x{ts['float'] / ts['int8']:.2f}). {qr['tokens']} answer tokens.", ""]
+                      f"(x{ts['float'] / ts['int8']:.2f}). {qr['tokens']} answer tokens. Other processes used "
+                      f"{fmt(100 * (qr.get('other_cpu_share') or 0), '{:.0f}')}% of the CPUs meanwhile.", ""]
             srows = [[n, fmt(s["float"], "{:.2f}"), fmt(s["int8"], "{:.2f}"), fmt(s["int8"] - s["float"], "{:+.2f}")]
                      for n, s in qr["step_ms"].items()]
             lines += report.table(["cache length", "step ms float KV", "step ms int8 KV", "int8 costs ms"], srows)

@@ -42,7 +42,7 @@ def _add_onnx(formats) -> None:
                    help="int8: the linears' weights in 8 bits per output channel (about half the file)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--tolerance", type=float,
-                   help="max |onnx - torch| / max |torch| allowed (default 1e-4 fp32, 2e-2 fp16, 5e-2 int8)")
+                   help="max |onnx - torch| / max |torch| allowed (default 1e-4 fp32, 2e-2 fp16, 1e-1 int8)")
     p.add_argument("--copy", action="store_true", help="copy checkpoint files instead of hard-linking")
     p.set_defaults(func=_run_onnx)
 

@@ -69,9 +69,10 @@ EXTERNAL_DATA_BYTES = 1 << 30
 # fp16 carries fp16 rounding through every block (4.5e-4 seen on the 32-block 2B-shaped tower);
 # it is a gate against broken exports (overflow, NaN), not a quality target
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
-# with 8-bit weights (``vision_quant="int8"``): their rounding, 0.3-1% of the largest output seen on
-# qvl-toy and the 2B shapes (bench/results/int8_memory.md); again a gate against broken exports
-TOLERANCE_INT8 = 5e-2
+# with 8-bit weights (``vision_quant="int8"``) their rounding: 0.2% of the largest output on qvl-toy,
+# 3.5% on the random-weight 2B-shaped tower, where 32 blocks of random weights compound it
+# (bench/results/int8_memory.md); again a gate against broken exports, not a quality target
+TOLERANCE_INT8 = 1e-1
 # (t, h, w) patch grids: three aspect ratios, then several images and a 2-frame video in one call
 VALIDATION_GRIDS = [[(1, 16, 16)], [(1, 12, 20)], [(1, 22, 8)], [(1, 8, 8), (2, 10, 6), (1, 4, 14)]]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
