@@ -101,6 +101,7 @@ def serve_worker(spec: dict, res: dict) -> None:
 
     eng = qvl.load(spec["ckpt"], device=spec["device"], dtype=spec["dtype"], max_seq_len=spec["max_seq_len"],
                    max_batch=spec["max_batch"], cuda_graphs=spec.get("cuda_graphs"), decode_kv=spec.get("decode_kv"),
+                   quant_kernel=spec.get("quant_kernel", "auto"),
                    prefix_cache_mb=0, vision_cache_mb=0)  # batching measured alone: reruns must not hit a cache
     res["load_s"] = eng.load_s
     res["decode_kv"] = eng._core.runner.decode_kv
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
                     help="both: every scheme with and without the captured decode step (CUDA)")
     ap.add_argument("--decode-kv", choices=("auto", "full", "live", "both"), default="auto",
                     help="the decode step's keys: the whole cache (fixed shapes) or the longest live prefix")
+    ap.add_argument("--quant-kernel", default="auto",
+                    help="comma-separated quant_kernel values the quantized schemes run with, each its own row "
+                         "(e.g. auto,qvl-a8)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds per stream count; the best is kept")
     ap.add_argument("--timeout", type=float, default=3600.0)
@@ -196,12 +200,15 @@ def main(argv=None) -> int:
         kind, dtype = SCHEMES[s]
         ckpt = base if kind is None else ensure_quantized(base, kind, group)
         probe.warm_page_cache(ckpt)
-        for g, kv in variants:
-            name = s + {None: "", False: " eager", True: " CUDA graphs"}[g] + ("" if kv is None else f" kv={kv}")
+        qks = ["auto"] if kind is None else [k for k in args.quant_kernel.split(",") if k]
+        for g, kv, qk in [(g, kv, qk) for g, kv in variants for qk in qks]:
+            name = (s + ("" if qk == "auto" else f" {qk}") + {None: "", False: " eager", True: " CUDA graphs"}[g]
+                    + ("" if kv is None else f" kv={kv}"))
             log.info("%s on %s", name, ckpt.name)
             spec = {"ckpt": str(ckpt), "device": args.device, "dtype": dtype, "max_seq_len": args.max_seq_len,
                     "max_batch": args.max_batch, "new_tokens": args.new_tokens, "streams": streams,
-                    "threads": threads, "cuda_graphs": g, "decode_kv": kv, "repeats": args.repeats}
+                    "threads": threads, "cuda_graphs": g, "decode_kv": kv, "repeats": args.repeats,
+                    "quant_kernel": qk}
             result["engines"][name] = harness.run(serve_worker, spec, timeout=args.timeout, label=name)
     stem = args.name or ("serving" if args.device == "cpu" else f"serving-{args.device.split(':')[0]}")
     md = render(result)

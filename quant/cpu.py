@@ -7,15 +7,19 @@ AutoAWQ group semantics; 4-bit decode streams as fast as torch's kernel or sligh
 for many-token products (prefill), a dequantizer feeding torch's dense GEMM. Figures:
 bench/results/quant.md.
 
-The C file has two code paths, built as two variants (:data:`VARIANTS`): ``avx512`` (AVX-512 F,
-BW + F16C, compiled with ``-march=native``) and ``avx2`` (AVX2 + FMA, compiled with
-``-mavx2 -mfma`` only, for the x86 CPUs without AVX-512). The CPU's flags in /proc/cpuinfo pick
-the first that runs here; ``QVL_CPU_ISA=avx2`` (or ``avx512``) forces one, e.g. to check the
-AVX2 build on an AVX-512 machine. Each variant is compiled with the system C compiler (``$CC``,
-else ``cc``) into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the
-variant, source, compiler and CPU, atomically (temp file, then rename). No compiler, neither
+The C file has two code paths, built as three variants (:data:`VARIANTS`): ``avx512`` (AVX-512 F,
+BW + F16C, compiled with ``-march=native``), ``avxvnni`` (the AVX2 path with AVX-VNNI's vpdpbusd for
+the 8-bit-activation kernel) and ``avx2`` (AVX2 + FMA, compiled with ``-mavx2 -mfma`` only, for the
+x86 CPUs without AVX-512). The CPU's flags in /proc/cpuinfo pick the first that runs here;
+``QVL_CPU_ISA=avx2`` (or ``avx512``, ``avxvnni``) forces one, e.g. to check the AVX2 build on an
+AVX-512 machine. Each variant is compiled with the system C compiler (``$CC``, else ``cc``)
+into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the variant, source,
+compiler and CPU, atomically (temp file, then rename). No compiler, neither
 ISA, a failed self-check, or ``QVL_CPU_KERNEL=0``: :func:`unavailable` says why and the linears
 use torch's kernels instead.
+
+The 8-bit-activation kernel (quant_kernel "qvl-a8": :func:`pack_a8`, :func:`a8_gemm`) rounds x to
+int8 per block and keeps the weights in a layout of its own; figures in bench/results/a8.md.
 """
 
 from __future__ import annotations

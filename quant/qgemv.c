@@ -28,6 +28,8 @@
  * bf16 activations are widened to fp32 first, and fp16 scales are decoded in software since
  * -mavx2 does not imply F16C).
  * qvl_isa() says which path is in: 512, 256 or 0 (none: every entry point returns -1).
+ * The 8-bit-activation kernel (qvl_a8_*, at the end of this file) has its own layout and uses
+ * vpdpbusd where AVX512-VNNI or AVX-VNNI is compiled in, vpmaddubsw otherwise.
  *
  * Several rows of x (batched decode): one row's work is bound by the arithmetic, not by reading
  * the weights, so the AVX-512 path takes up to MT_MAX rows per pass over a block, widening each
@@ -604,8 +606,8 @@ int qvl_dequant(int bits, const uint8_t *w, const uint16_t *scales, const uint8_
  * any thread count and in every variant (AVX-512, AVX-VNNI, AVX2).
  *
  * Weights are read once per call: outputs go in tiles of A8_NT = 64 (a thread's tiles are one
- * sequential stream), and each tile serves every row of x in register blocks, the later blocks
- * reading the tile from L1/L2. Layout (qvl.quant.cpu.pack_a8), N padded to a multiple of 64 with
+ * sequential stream), and each group of a tile serves every row of x in register blocks, the
+ * later blocks reading it from L1. Layout (qvl.quant.cpu.pack_a8), N padded to a multiple of 64 with
  * zero codes and scales: per tile [K/KV, 4, 16, 4] bytes, i.e. per k-step 4 vectors of 16 outputs
  * x 4 bytes, a 32-bit lane holding one output's next bytes. int4: KV = 8 columns, byte j holds
  * column j (low nibble) and j + 4 (high); int8: KV = 4, byte j column j.
@@ -679,16 +681,16 @@ static void a8_quantize_row(const void *x, int x_bf16, int m, int K, int ablock,
 /* rows of x per register block: 4 x MB int32 and 4 x MB fp32 accumulators of 32 registers */
 #define A8_MB 3
 
-/* MB rows of x (from m0) against one tile: out[m][0..63] (no bias). */
+/* MB rows of x (from m0) against one tile's groups g0..g1-1: out[m][0..63] += their part (no bias). */
 static inline __attribute__((always_inline)) void a8_tile(int bits, int MB, const A8x *x, int m0, const uint8_t *w,
-                                                          const uint16_t *sc, const uint8_t *zr, int G, int group,
-                                                          int ablock, int prefetch, float out[][A8_NT]) {
+                                                          const uint16_t *sc, const uint8_t *zr, int g0, int g1,
+                                                          int group, int ablock, int prefetch, float out[][A8_NT]) {
     const int KV = bits == 4 ? 8 : 4, bpg = group / ablock, steps = ablock / KV;
     const __m512i low = _mm512_set1_epi8(0x0f), m16 = _mm512_set1_epi32(0xffff);
     __m512 y[A8_MB][4];
     for (int m = 0; m < MB; m++)
-        for (int j = 0; j < 4; j++) y[m][j] = _mm512_setzero_ps();
-    for (int g = 0; g < G; g++) {
+        for (int j = 0; j < 4; j++) y[m][j] = _mm512_loadu_ps(out[m] + 16 * j);
+    for (int g = g0; g < g1; g++) {
         __m512 sw[4];
         __m512i nz[4]; /* -z as int16 in each lane's low half, 0 in the high: vpmaddwd makes -z * sum xq */
         for (int j = 0; j < 4; j++) {
@@ -821,14 +823,13 @@ static void a8_quantize_row(const void *x, int x_bf16, int m, int K, int ablock,
 #define A8_MB 4
 
 static inline __attribute__((always_inline)) void a8_tile(int bits, int MB, const A8x *x, int m0, const uint8_t *w,
-                                                          const uint16_t *sc, const uint8_t *zr, int G, int group,
-                                                          int ablock, int prefetch, float out[][A8_NT]) {
+                                                          const uint16_t *sc, const uint8_t *zr, int g0, int g1,
+                                                          int group, int ablock, int prefetch, float out[][A8_NT]) {
     const int KV = bits == 4 ? 8 : 4, bpg = group / ablock, steps = ablock / KV;
     const __m256i low = _mm256_set1_epi8(0x0f);
     float swf[A8_NT];
     int32_t nzi[A8_NT];
-    for (int m = 0; m < MB; m++) memset(out[m], 0, sizeof(float) * A8_NT);
-    for (int g = 0; g < G; g++) {
+    for (int g = g0; g < g1; g++) {
         for (int n = 0; n < A8_NT; n++) {
             swf[n] = half_to_f32(sc[(size_t)g * A8_NT + n]);
             nzi[n] = (int32_t)((uint32_t)(-(int32_t)zr[(size_t)g * A8_NT + n]) & 0xffffu);
@@ -911,7 +912,7 @@ int qvl_a8_quantize(const void *x, int x_bf16, int M, int K, int ablock, int8_t 
 #endif
 }
 
-#define A8_CASE(B, MBV) a8_tile(B, MBV, &ax, m0, wt, sct, zt, G, group, ablock, m0 == 0, tile)
+#define A8_CASE(B, MBV) a8_tile(B, MBV, &ax, m0, wt, sct, zt, g, g + 1, group, ablock, m0 == 0, yt + m0)
 
 /* y [M, N] = x [M, K] @ W.T (+ bias [N] fp32) with x rounded to int8 per block (see above).
  * Returns 0, -1 (no SIMD path, shapes: group % ablock, K % group, ablock in 32..256 by 32) or
@@ -933,17 +934,27 @@ int qvl_a8_gemm(int bits, const void *x, int x_bf16, int M, int K, const uint8_t
         return -2;
     }
     const A8x ax = {xq, sx, sq, K, nblk};
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
+        /* the tile's fp32 sums for every row of x: each group's weights serve all rows while they
+         * are in L1, so a tile is read from memory once, whatever M */
+        float(*yt)[A8_NT] = (float(*)[A8_NT])aligned_alloc(64, sizeof(float) * A8_NT * (size_t)M);
+        if (!yt) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) a8_quantize_row(x, x_bf16, m, K, ablock, xq, sx, sq);
 #pragma omp for schedule(static)
         for (int t = 0; t < tiles; t++) {
+            if (!yt) continue;
             const uint8_t *wt = w + (size_t)t * tile_bytes;
             const uint16_t *sct = scales + (size_t)t * G * A8_NT;
             const uint8_t *zt = zeros + (size_t)t * G * A8_NT;
             const int n0 = t * A8_NT, nv = N - n0 < A8_NT ? N - n0 : A8_NT;
-            float tile[A8_MB][A8_NT];
+            memset(yt, 0, sizeof(float) * A8_NT * (size_t)M);
+            for (int g = 0; g < G; g++)
             for (int m0 = 0; m0 < M; m0 += A8_MB) {
                 const int mt = M - m0 < A8_MB ? M - m0 : A8_MB;
                 if (bits == 4) switch (mt) {
@@ -961,16 +972,17 @@ int qvl_a8_gemm(int bits, const void *x, int x_bf16, int M, int K, const uint8_t
                 case 2: A8_CASE(8, 2); break;
                 default: A8_CASE(8, 1);
                 }
-                for (int m = 0; m < mt; m++)
-                    for (int n = 0; n < nv; n++)
-                        store(y, y_bf16, (size_t)(m0 + m) * N + n0 + n, tile[m][n] + (bias ? bias[n0 + n] : 0.f));
             }
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < nv; n++)
+                    store(y, y_bf16, (size_t)m * N + n0 + n, yt[m][n] + (bias ? bias[n0 + n] : 0.f));
         }
+        free(yt);
     }
     free(xq);
     free(sx);
     free(sq);
-    return 0;
+    return failed ? -2 : 0;
 #else
     (void)bits; (void)x; (void)x_bf16; (void)M; (void)K; (void)w; (void)scales; (void)zeros; (void)N;
     (void)group; (void)ablock; (void)bias; (void)y; (void)y_bf16; (void)threads;
