@@ -232,29 +232,19 @@ def decoder_bytes(info: CheckpointInfo, dtype: str, quant_kernel: str = "auto", 
     return total
 
 
-def embed_head_bytes(info: CheckpointInfo, dtype: str, head: str = "checkpoint", resident_rows: int | None = None,
-                     quant_kernel: str = "auto", device: str = "cpu", qvl_kernel: bool | None = None) -> int:
-    """Token embeddings plus the output head, as ``head`` holds it (``qvl.runtime.head``).
-
-    With tied embeddings and a quantized head, the embedding is only looked up: held as the
-    checkpoint's own mapped pages (compute dtype = file dtype), only the rows read become resident,
-    so ``resident_rows`` (at most a page per row) bounds it; otherwise the whole table counts."""
+def embed_head_bytes(info: CheckpointInfo, dtype: str, head: str = "checkpoint", quant_kernel: str = "auto",
+                     device: str = "cpu", qvl_kernel: bool | None = None) -> int:
+    """Token embeddings plus the output head, as ``head`` holds it (``qvl.runtime.head``). With tied
+    embeddings a quantized head is a second tensor beside the table, and the whole table is read
+    (resident) when the head is rounded from it at load."""
     t = info.cfg.text
     dtype = compute_dtype(info, dtype)
-    s = _DTYPE_SIZE[dtype]
-    table = t.vocab_size * t.hidden_size * s
-    embed_name = next((k for k in info.tensors if k.endswith("embed_tokens.weight")), None)
-    mapped = embed_name is not None and _FILE_DTYPE.get(info.tensors[embed_name][0]) == dtype
+    table = t.vocab_size * t.hidden_size * _DTYPE_SIZE[dtype]
     if head == "checkpoint":
         return table if info.cfg.tie_word_embeddings else 2 * table
     bits, group = (8, t.hidden_size) if head == "int8" else (4, 128 if t.hidden_size % 128 == 0 else t.hidden_size)
     kernel = _kernel_for(bits, t.vocab_size, t.hidden_size, group, dtype, device, quant_kernel, qvl_kernel)
-    qhead = quant_linear_bytes(bits, t.vocab_size, t.hidden_size, group, dtype, kernel, False)
-    embed = table
-    if mapped and resident_rows is not None:
-        row_pages = -(-t.hidden_size * s // 4096) + 1  # a row may straddle one more page
-        embed = min(table, resident_rows * row_pages * 4096)
-    return embed + qhead
+    return table + quant_linear_bytes(bits, t.vocab_size, t.hidden_size, group, dtype, kernel, False)
 
 
 def kv_bytes_per_token(info: CheckpointInfo, dtype: str, kv_cache_dtype: str = "auto") -> int:
@@ -267,13 +257,18 @@ def kv_bytes_per_token(info: CheckpointInfo, dtype: str, kv_cache_dtype: str = "
     return rows * t.head_dim * _DTYPE_SIZE[compute_dtype(info, dtype)]
 
 
-def vision_call_bytes(info: CheckpointInfo, dtype: str, patches: int) -> int:
+def vision_call_bytes(info: CheckpointInfo, dtype: str, patches: int, vision_quant: str = "none") -> int:
     """The vision tower's activation peak for one call over ``patches`` patches (all its images or
-    frame pairs together), the float32 pixel rows it reads excluded (:func:`request_bytes`)."""
+    frame pairs together), the float32 pixel rows it reads excluded (:func:`request_bytes`); an int8
+    tower adds its largest linear, dequantized for the call."""
     if patches <= 0:
         return 0
     s = _DTYPE_SIZE[compute_dtype(info, dtype)]
-    return int(patches * VISION_UNITS * info.cfg.vision.embed_dim * s + VISION_FIXED)
+    dense = 0
+    if vision_quant == "int8":
+        dense = max((_numel(shape) for name, (_, shape) in info.visual().items()
+                     if len(shape) == 2 and name.endswith(".weight")), default=0) * s
+    return int(patches * VISION_UNITS * info.cfg.vision.embed_dim * s + VISION_FIXED) + dense
 
 
 def patches_for_pixels(info: CheckpointInfo, pixels: int) -> int:
@@ -297,13 +292,13 @@ def prefill_bytes(info: CheckpointInfo, dtype: str, seq_len: int, chunk: int, kv
 
 
 def request_bytes(info: CheckpointInfo, dtype: str, seq_len: int, chunk: int, pixels: int,
-                  kv_cache_dtype: str = "auto", batch: int = 1) -> tuple[int, int]:
+                  kv_cache_dtype: str = "auto", batch: int = 1, vision_quant: str = "none") -> tuple[int, int]:
     """(held, peak-work) of one request: pixel rows + prompt embeddings + M-RoPE ids, and the larger
     of its vision call and a prefill chunk (they run one after the other)."""
     s = _DTYPE_SIZE[compute_dtype(info, dtype)]
     patches = patches_for_pixels(info, pixels)
     held = patches * PATCH_VALUES * 4 + seq_len * (info.cfg.text.hidden_size * s + 3 * 8 + 8)
-    return held, max(vision_call_bytes(info, dtype, patches),
+    return held, max(vision_call_bytes(info, dtype, patches, vision_quant),
                      prefill_bytes(info, dtype, seq_len, chunk, kv_cache_dtype, batch))
 
 
@@ -408,18 +403,17 @@ def make_plan(info: CheckpointInfo, budget, *, dtype: str = "float32", head: str
     pixels = max_pixels or PLAN_PIXELS
     plan.plan_pixels, plan.max_batch = pixels, batch
     kv_tok = plan.kv_bytes_per_token = kv_bytes_per_token(info, dtype, kv_cache_dtype)
-    resident = (max_seq_len or DEFAULT_SEQ_LEN) * batch
     p = plan.parts
     p["vision tower"] = vision_tower_bytes(info, dtype, vision_backend, vision_quant)
     p["decoder"] = decoder_bytes(info, dtype, quant_kernel, device, qvl_kernel)
-    p["embeddings/head"] = embed_head_bytes(info, dtype, head, resident, quant_kernel, device, qvl_kernel)
+    p["embeddings/head"] = embed_head_bytes(info, dtype, head, quant_kernel, device, qvl_kernel)
     p["runtime"] = RUNTIME_BYTES
     plan.weights_bytes = p["vision tower"] + p["decoder"] + p["embeddings/head"]
     held = plan.weights_bytes + RUNTIME_BYTES
-    plan.vision_peak_bytes = vision_call_bytes(info, dtype, patches_for_pixels(info, pixels))
+    plan.vision_peak_bytes = vision_call_bytes(info, dtype, patches_for_pixels(info, pixels), vision_quant)
 
     def request(seq):
-        a, b = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch)
+        a, b = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch, vision_quant)
         return a + b
 
     left = budget - held
@@ -441,7 +435,7 @@ def make_plan(info: CheckpointInfo, budget, *, dtype: str = "float32", head: str
     left -= p["prefix cache"] + p["vision cache"]
 
     def fits(seq, px=pixels):
-        a, b = request_bytes(info, dtype, seq, prefill_chunk, px, kv_cache_dtype, batch)
+        a, b = request_bytes(info, dtype, seq, prefill_chunk, px, kv_cache_dtype, batch, vision_quant)
         return kv_tok * seq * batch + a + b <= left
 
     limit = max(info.cfg.text.max_position_embeddings, max_seq_len or 0)
@@ -479,7 +473,7 @@ def make_plan(info: CheckpointInfo, budget, *, dtype: str = "float32", head: str
             hi = mid - 1
     plan.max_pixels = lo * info.cfg.vision.patch_size**2
     plan.max_call_patches = lo
-    held_req, work = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch)
+    held_req, work = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch, vision_quant)
     p["kv cache"] = kv_tok * seq * batch
     p["request"] = held_req + work
     plan.total_bytes = sum(p.values())
@@ -492,7 +486,7 @@ def peak_for(plan: Plan, info: CheckpointInfo, prompt_tokens: int, pixels: int, 
     picture (the plan's own total is for a prompt that fills max_seq_len)."""
     o = plan.options
     held, work = request_bytes(info, o["dtype"], prompt_tokens, prefill_chunk, pixels, o["kv_cache_dtype"],
-                               plan.max_batch)
+                               plan.max_batch, o["vision_quant"])
     return plan.total_bytes - plan.parts["request"] + held + work
 
 

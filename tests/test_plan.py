@@ -86,8 +86,9 @@ def test_weights_of_a_float_checkpoint(tiny_ckpt, tiny_ckpt_tied, dtype):
 
 
 @pytest.mark.parametrize("head", ["int8", "int4"])
-def test_weights_with_a_quantized_head(tiny_ckpt, head):
+def test_weights_with_a_quantized_head(tiny_ckpt, tiny_ckpt_tied, head):
     _check_weights(tiny_ckpt, dtype="bfloat16", head=head)
+    _check_weights(tiny_ckpt_tied, dtype="bfloat16", head=head)  # the table stays beside the head
 
 
 @pytest.mark.parametrize("group,dtype,kernel", [(32, "float32", "dequant"), (32, "bfloat16", "int4pack"),
