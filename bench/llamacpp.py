@@ -202,7 +202,9 @@ _PERF = re.compile(r"llama_perf_context_print:\s+(load|prompt eval|eval) time =\
 
 def parse_mtmd_log(text: str) -> dict:
     """llama-mtmd-cli's timers: image encode, its tokens' decode, prompt eval, decode steps."""
-    enc = [float(m) for m in re.findall(r"slice encoded in (\d+) ms", text)]
+    # the CLI times its batch of media chunks; the helper (other callers) each slice
+    enc = [float(m) for m in re.findall(r"mtmd batch encoding done in (\d+) ms", text)] or \
+        [float(m) for m in re.findall(r"slice encoded in (\d+) ms", text)]
     dec = [float(m) for m in re.findall(r"decoded \(batch \d+/\d+\) in (\d+) ms", text)]
     perf = {k: (float(ms), int(n) if n else None) for k, ms, n in _PERF.findall(text)}
     if not enc or "prompt eval" not in perf or "eval" not in perf:
@@ -232,7 +234,7 @@ def llama_bench(bin_dir, gguf, threads: int, n_gen: int, reps: int, timeout: flo
 def mtmd(bin_dir, gguf, mmproj, image, threads: int, n_gen: int, timeout: float) -> dict:
     text = _run([bin_dir / "llama-mtmd-cli", "-m", gguf, "--mmproj", mmproj, "--image", image,
                  "-p", fixtures.PROMPT, "-n", n_gen, "--temp", "0", "--ignore-eos", "-t", threads,
-                 "-c", 2048], timeout)
+                 "-c", 2048, "-lv", 4], timeout)  # 4: the library's own timers (llama_perf) too
     return parse_mtmd_log(text)
 
 
@@ -331,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="qvl's timed runs per round (best kept)")
     ap.add_argument("--bench-reps", type=int, default=3, help="llama-bench repetitions per round (best kept)")
     ap.add_argument("--kl-chats", type=int, default=8, help="synthetic chats for the KL (0: skip)")
+    ap.add_argument("--mtmd", default=",".join(QUANTS), help="quants that llama-mtmd-cli runs (first token)")
     ap.add_argument("--extra", default="", help="more bench/quant.py schemes as qvl rows, comma-separated")
     ap.add_argument("--bin-dir", default=None,
                     help="run these llama.cpp binaries (a bin/ with the TARGETS) instead of the cached build")
@@ -353,7 +356,8 @@ def main(argv=None) -> int:
     ckpts = {s: ensure_quantized(base, s) for s in schemes}
     result = {"llama_cpp_python": LLAMA_CPP_PYTHON, "build": str(bin_dir.parent), "gguf": str(gguf),
               "mmproj": str(f16 / "mmproj-f16.gguf"), "build_note": args.build_note,
-              "threads": threads, "new_tokens": args.new_tokens, "machine": probe.machine_info(), "rows": {}}
+              "threads": threads, "new_tokens": args.new_tokens, "machine": probe.machine_info(), "rows": {},
+              "rounds_run": 0}
     for q in QUANTS:
         result["rows"][f"llama.cpp {q}"] = {"weights": q, "head": "Q6_K" if q == "Q4_0" else q, "rounds": []}
     for s in schemes:
@@ -363,6 +367,11 @@ def main(argv=None) -> int:
     groups = [(q, list(PAIRS[q])) for q in QUANTS] + ([(None, extra)] if extra else [])
     stem = "llamacpp"
     out = pathlib.Path(args.out)
+
+    def snapshot():  # after every run: a run killed part way keeps what it measured
+        summarize(result)
+        report.write_partial(lambda: (result, render(result)), out, stem)
+
     with tempfile.TemporaryDirectory(prefix="qvl-bench-llamacpp-") as work:
         image = fixtures.make_image(pathlib.Path(work) / "bench.png")
         spec = {"image": str(image), "new_tokens": args.new_tokens, "threads": threads, "repeats": args.repeats}
@@ -374,10 +383,11 @@ def main(argv=None) -> int:
                     bench = _attempt(llama_bench, bin_dir, model, threads, args.new_tokens, args.bench_reps,
                                      args.timeout)
                     run = _attempt(mtmd, bin_dir, model, f16 / "mmproj-f16.gguf", image, threads, args.new_tokens,
-                                   args.timeout)
+                                   args.timeout) if q in args.mtmd.split(",") else {}
                     if "error" in run and "error" not in bench:
                         run = {"mtmd_error": run["error"]}
                     result["rows"][f"llama.cpp {q}"]["rounds"].append({**run, **bench})
+                    snapshot()
                 for s in group:
                     sch = quant.SCHEMES[s]
                     r = harness.run(quant.qvl_worker, dict(spec, ckpt=str(ckpts[s]), dtype=sch.dtype,
@@ -386,9 +396,9 @@ def main(argv=None) -> int:
                     if r.get("bytes_per_token"):
                         r["model_size_gb"] = r["bytes_per_token"] / probe.GB
                     result["rows"][f"qvl {s}"]["rounds"].append(r)
+                    snapshot()
             result["rounds_run"] = i + 1
-            summarize(result)
-            report.write_partial(lambda: (result, render(result)), out, stem)
+            snapshot()
         if args.kl_chats:
             log.info("KL of %s against the bf16 checkpoint", ",".join(schemes))
             kl = harness.run(quant.kl_worker, {"ref": [str(base), "bfloat16"], "chats": args.kl_chats,

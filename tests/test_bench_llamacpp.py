@@ -17,8 +17,8 @@ BENCH_JSON = json.dumps([{
 
 MTMD_LOG = """\
 load_hparams: projector:          qwen2vl_merger
-encoding image slice...
-image slice encoded in 5123 ms
+0.28.667.415 I encoding mtmd batch, n_chunks = 1 (done = 1, total = 3)
+2.48.792.895 I mtmd batch encoding done in 5123 ms
 decoding image batch 1/1, n_tokens_batch = 256
 image decoded (batch 1/1) in 2345 ms
 
