@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from qvl.model.kv_cache import check_kv_cache_dtype
+from qvl.quant import cpu as cpu_kernel
 from qvl.runtime.core import EngineCore
 from qvl.runtime.errors import MemoryBudgetError, PromptTooLongError, QueueFullError
 from qvl.runtime.fetch import FetchPolicy
@@ -21,7 +22,6 @@ from qvl.runtime.head import check_head, quantize_head
 from qvl.runtime.inputs import InputLimits
 from qvl.runtime.loader import check_device, load_model, read_config, read_json_object
 from qvl.runtime.onnx_vision import OnnxVision
-from qvl.quant import cpu as cpu_kernel
 from qvl.runtime.options import LoadOptions
 from qvl.runtime.plan import check_pictures, make_plan, pin_allocator, read_checkpoint
 from qvl.runtime.processor import ImageProcessor, ImageProcessorConfig
@@ -108,8 +108,7 @@ class Engine:
         plan = make_plan(read_checkpoint(path), opts.memory_budget, dtype=opts.dtype, head=opts.head,
                          quant_kernel=opts.quant_kernel, device=self.device.type, vision_backend=opts.vision_backend,
                          prefill_chunk=opts.prefill_chunk, max_image_pixels=opts.max_image_pixels,
-                         vision_quant=getattr(opts, "vision_quant", "none"),
-                         kv_cache_dtype=getattr(opts, "kv_cache_dtype", "auto"),
+                         vision_quant=opts.vision_quant, kv_cache_dtype=opts.kv_cache_dtype,
                          qvl_kernel=self.device.type == "cpu" and cpu_kernel.isa() is not None,
                          **{k: getattr(opts, k) for k in chosen if k in given})
         if not plan.fits:

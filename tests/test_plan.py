@@ -17,22 +17,17 @@ import json
 import pathlib
 
 import pytest
-import torch
 
 import qvl
 from qvl.bench import fixtures, harness
 from qvl.bench.memory import engine_worker, vision_worker
 from qvl.runtime import plan as planning
 from qvl.runtime.errors import MemoryBudgetError
-from qvl.runtime.options import option_names
 from qvl.runtime.runner import image_groups
 
 VISION_TOLERANCE = 0.15  # planned / measured - 1, either way ...
 VISION_SLACK = 8_000_000  # ... or this many bytes: the part that does not grow with the patches varies (4-15 MB)
 ENGINE_TOLERANCE = 0.15
-
-HAS_VISION_QUANT = "vision_quant" in option_names()
-HAS_KV_INT8 = "kv_cache_dtype" in option_names()
 
 
 def _held_by_part(model) -> dict:
@@ -103,12 +98,11 @@ def test_weights_of_a_gptq_checkpoint_in_each_packing(quantized, group, dtype, k
     assert lin.kernel == (kernel if kernel != "auto" else lin.kernel)
 
 
-@pytest.mark.skipif(not HAS_VISION_QUANT, reason="vision_quant has not landed")
 def test_weights_of_an_int8_tower(tiny_ckpt):
     _check_weights(tiny_ckpt, dtype="bfloat16", vision_quant="int8")
 
 
-@pytest.mark.parametrize("kv", ["auto"] + (["int8"] if HAS_KV_INT8 else []))
+@pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_kv_bytes_per_token_are_the_cache_buffers(tiny_ckpt, kv):
     extra = {"kv_cache_dtype": kv} if kv != "auto" else {}
     eng = qvl.load(tiny_ckpt, max_seq_len=384, max_batch=3, prefix_cache_mb=0, vision_cache_mb=0, **extra)
@@ -189,7 +183,7 @@ def test_refused_before_the_weights_are_read(tiny_ckpt, monkeypatch):
 
 def test_the_plan_names_the_2b_part_that_does_not_fit():
     info = planning.read_checkpoint(fixtures.ensure_checkpoint("tiny"))
-    t, v = info.cfg.text, info.cfg.vision
+    t = info.cfg.text
     # a 2B-shaped header set: the vision tower is the part the weights cannot hold at 2 GB
     info2b = planning.CheckpointInfo(info.cfg.replace(text=t.__class__(**{**t.__dict__, "vocab_size": 151936,
                                                                            "hidden_size": 1536})),
