@@ -28,8 +28,11 @@ from pathlib import Path
 from qvl.model.config import ConfigError, Qwen2VLConfig, read_json_object
 from qvl.quant.config import QuantConfig
 
-# python + torch + qvl + tokenizer + thread pools after a first request (tiny checkpoint, torch 2.13 CPU)
-RUNTIME_BYTES = 300_000_000
+# python + torch + qvl + tokenizer + thread pools after a first request (tiny checkpoint, torch 2.13
+# CPU). torch's libraries are file-backed: the pages the page cache already holds count as resident
+# when mapped, so the same process measures ~290 MB on a cold cache and ~370 MB just after an
+# install; the plan takes the warm figure, with room, so a budget is never passed.
+RUNTIME_BYTES = 400_000_000
 # vision tower activations per patch of one call, in units of embed_dim * element size, and the
 # part that does not grow with the patches (fitted: bench/results/memory.md)
 VISION_UNITS = 15.6

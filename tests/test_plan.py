@@ -7,7 +7,7 @@ Figures and their tolerances:
 * a vision-tower call's activation peak within VISION_TOLERANCE (or VISION_SLACK bytes) of a
   fresh process's measured peak (``VmHWM`` reset before the call, glibc's mmap threshold pinned as the engine pins it);
 * a whole engine under a budget: the measured peak RSS of a fresh process that loads it and
-  answers a 448 x 448 picture within ENGINE_TOLERANCE of the planned peak, and under the budget.
+  answers a 448 x 448 picture at most the planned peak and within ENGINE_TOLERANCE below it.
 Refusals are typed (MemoryBudgetError), name the part, and come before the weights are read.
 """
 
@@ -27,7 +27,9 @@ from qvl.runtime.runner import image_groups
 
 VISION_TOLERANCE = 0.15  # planned / measured - 1, either way ...
 VISION_SLACK = 8_000_000  # ... or this many bytes: the part that does not grow with the patches varies (4-15 MB)
-ENGINE_TOLERANCE = 0.15
+# the tiny engine's peak is mostly the runtime, whose resident pages move by ~80 MB with the page
+# cache (runtime/footprint.py): measured / planned may sit this far below 1, never above it
+ENGINE_TOLERANCE = 0.35
 
 
 def _held_by_part(model) -> dict:
@@ -162,7 +164,7 @@ def test_engine_peak_against_the_plan(tmp_path):
     planned = res["plan"]["peak_for_request_bytes"]
     measured = res["peak_rss_gb"] * 1e9
     assert measured <= res["plan"]["total_bytes"] <= 1e9
-    assert abs(measured / planned - 1) <= ENGINE_TOLERANCE, (planned, measured)
+    assert 1 - ENGINE_TOLERANCE <= measured / planned <= 1, (planned, measured)
 
 
 # --- what the engine does with the plan ---------------------------------------------------------
