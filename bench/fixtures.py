@@ -119,6 +119,26 @@ def ensure_checkpoint(config: str, seed: int = 0) -> pathlib.Path:
     return build_cached(cache_root() / CONFIGS[config], lambda out: build(out, seed), marker, _is_complete)
 
 
+BENCH_MODELS = ("toy", "tiny", "2b-bf16", "2b-int4")
+
+
+def bench_model(name: str) -> tuple[pathlib.Path, str]:
+    """The checkpoint and compute dtype a benchmark's model name stands for (``BENCH_MODELS``;
+    the random ones built and cached if needed)."""
+    if name == "toy":
+        from qvl.scripts.default_model import TOY_MODEL
+
+        return TOY_MODEL, "float32"
+    if name == "tiny":
+        return ensure_checkpoint("tiny"), "float32"
+    if name in ("2b-bf16", "2b-int4"):
+        from qvl.bench.quant import ensure_quantized  # it builds on this module
+
+        base = ensure_checkpoint("qwen2vl-2b")
+        return (base if name == "2b-bf16" else ensure_quantized(base, "gptq-int4", 128)), "bfloat16"
+    raise ValueError(f"unknown model {name!r}: use one of {', '.join(BENCH_MODELS)}")
+
+
 def qwen2vl_2b_config(ids: dict[str, int]) -> dict:
     """Qwen2-VL-2B-Instruct's config.json (official flat layout) with the tokenizer's special ids."""
     from qvl.scripts.tiny import make_config

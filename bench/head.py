@@ -106,20 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     harness.setup()
-    from qvl.bench.quant import ensure_quantized
-    from qvl.scripts.default_model import TOY_MODEL
-
     result = {"threads": probe.usable_cores(), "machine": probe.machine_info(), "models": {}}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name == "toy":
-            ckpt, dtype = TOY_MODEL, "float32"
-        elif name == "tiny":
-            ckpt, dtype = fixtures.ensure_checkpoint("tiny"), "float32"
-        elif name in ("2b-bf16", "2b-int4"):
-            base = fixtures.ensure_checkpoint("qwen2vl-2b")
-            ckpt, dtype = (base if name == "2b-bf16" else ensure_quantized(base, "gptq-int4", 128)), "bfloat16"
-        else:
-            ap.error(f"unknown model {name!r}")
+        try:
+            ckpt, dtype = fixtures.bench_model(name)
+        except ValueError as e:
+            ap.error(str(e))
         probe.warm_page_cache(ckpt)
         spec = {"ckpt": str(ckpt), "dtype": dtype, "chats": args.chats, "steps": args.steps}
         result["models"][name] = harness.run(head_worker, spec, timeout=args.timeout, label=name)

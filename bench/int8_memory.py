@@ -227,21 +227,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     harness.setup()
-    from qvl.bench.quant import ensure_quantized
-    from qvl.scripts.default_model import TOY_MODEL
-
     result = {"threads": probe.usable_cores(), "machine": probe.machine_info(), "models": {}}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name == "toy":
-            ckpt, dtype, seq, batch = TOY_MODEL, "float32", 4096, 4
-        elif name == "tiny":
-            ckpt, dtype, seq, batch = fixtures.ensure_checkpoint("tiny"), "float32", 1024, 2
-        elif name in ("2b-bf16", "2b-int4"):
-            base = fixtures.ensure_checkpoint("qwen2vl-2b")
-            ckpt = base if name == "2b-bf16" else ensure_quantized(base, "gptq-int4", 128)
-            dtype, seq, batch = "bfloat16", 4096, 4
-        else:
-            ap.error(f"unknown model {name!r}")
+        try:
+            ckpt, dtype = fixtures.bench_model(name)
+        except ValueError as e:
+            ap.error(str(e))
+        seq, batch = (1024, 2) if name == "tiny" else (4096, 4)
         probe.warm_page_cache(ckpt)
         spec = {"ckpt": str(ckpt), "dtype": dtype, "max_seq_len": seq, "max_batch": batch, "image": 448}
         out = result["models"][name] = {"spec": spec, "memory": {}}
