@@ -63,15 +63,27 @@ def _one_request(engine, i: int, new_tokens: int, t_start: float, out: dict) -> 
               "decode_s": h.stats.decode_s}
 
 
-def _concurrent(engine, first: int, n: int, new_tokens: int) -> dict:
+def _concurrent(engine, first: int, n: int, new_tokens: int, max_batch: int | None = None) -> dict:
     out: dict = {}
+    engine.decode_steps(reset=True)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=_one_request, args=(engine, first + k, new_tokens, t0, out)) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return _summary(list(out.values()), time.perf_counter() - t0, together=True)
+    res = _summary(list(out.values()), time.perf_counter() - t0, together=True)
+    res.update(_full_batch(engine.decode_steps(), min(n, max_batch or n)))
+    return res
+
+
+def _full_batch(steps: dict, rows: int) -> dict:
+    """The decode rate while ``rows`` requests decoded together (the steady state of N streams):
+    rows x steps / seconds over the engine's steps that carried that many."""
+    n, secs = steps.get(rows, (0, 0.0))
+    return {"full_rows": rows, "full_steps": n, "full_step_s": secs / n if n else float("nan"),
+            "full_tok_s": rows * n / secs if secs > 0 else float("nan"),
+            "steps_by_rows": {str(k): v[0] for k, v in steps.items()}}
 
 
 def _sequential(engine, first: int, n: int, new_tokens: int) -> dict:
@@ -111,7 +123,7 @@ def serve_worker(spec: dict, res: dict) -> None:
     res["rows"] = []
     for k, n in enumerate(spec["streams"]):
         # best of ``repeats`` interleaved rounds: on a shared host disturbances only ever slow a run down
-        rounds = [(_concurrent(eng, 100 * k, n, new), _sequential(eng, 100 * k, n, new))
+        rounds = [(_concurrent(eng, 100 * k, n, new, spec["max_batch"]), _sequential(eng, 100 * k, n, new))
                   for _ in range(spec.get("repeats", 1))]
         conc = max((r[0] for r in rounds), key=lambda x: x["decode_tok_s"])
         seq = max((r[1] for r in rounds), key=lambda x: x["decode_tok_s"])
@@ -119,8 +131,10 @@ def serve_worker(spec: dict, res: dict) -> None:
                             "speedup": conc["tok_s"] / seq["tok_s"],
                             "decode_speedup": conc["decode_tok_s"] / seq["decode_tok_s"]})
         log.info("%d streams: %.2f tok/s together, %.2f one after another (x%.2f); decode %.2f vs %.2f tok/s; "
-                 "TTFT p50 %.2fs p99 %.2fs", n, conc["tok_s"], seq["tok_s"], conc["tok_s"] / seq["tok_s"],
-                 conc["decode_tok_s"], seq["decode_tok_s"], conc["ttft_p50_s"], conc["ttft_p99_s"])
+                 "%d rows decoding together %.2f tok/s (%.0f ms a step); TTFT p50 %.2fs p99 %.2fs", n, conc["tok_s"],
+                 seq["tok_s"], conc["tok_s"] / seq["tok_s"], conc["decode_tok_s"], seq["decode_tok_s"],
+                 conc["full_rows"], conc["full_tok_s"], conc["full_step_s"] * 1000, conc["ttft_p50_s"],
+                 conc["ttft_p99_s"])
 
 
 def render(result: dict) -> str:
@@ -130,30 +144,35 @@ def render(result: dict) -> str:
              f"{result.get('repeats', 1)} interleaved rounds per row.", "",
              "Aggregate tok/s = all new tokens / wall time from the first submit to the last token; decode tok/s = "
              "the tokens after each request's first / the time decoding ran (together: first first token to last "
-             "token; one after another: the requests' decode times added up); TTFT = submit -> first token, "
-             "queueing included. 'One after another' runs the same requests on the same engine (no prefix cache).",
+             "token, the other requests' prefills included; one after another: the requests' decode times added "
+             "up); steady decode = the engine's decode steps that carried min(streams, max_batch) requests, rows x "
+             "steps / their time (sampling and detokenizing included, the prefills between them not); TTFT = "
+             "submit -> first token, queueing included. 'One after another' runs the same requests on the same "
+             "engine (no prefix cache).",
              ""]
     rows = []
     for name, r in result["engines"].items():
         if "error" in r:
-            rows.append([name, "error: " + str(r["error"])[:80], "", "", "", "", ""])
+            rows.append([name, "error: " + str(r["error"])[:80]] + [""] * 10)
             continue
+        one = next((row for row in r["rows"] if row["streams"] == 1), None)
         for row in r["rows"]:
             c, s = row["concurrent"], row["sequential"]
+            vs = c.get("full_tok_s", float("nan")) / one["concurrent"]["full_tok_s"] if one and "full_tok_s" in c else None
+            row["steady_vs_one_stream"] = vs
             rows.append([name, row["streams"], fmt(c["tok_s"]), fmt(s["tok_s"]), fmt(row["speedup"], "x{:.2f}"),
                          fmt(c.get("decode_tok_s")), fmt(s.get("decode_tok_s")),
-                         fmt(row.get("decode_speedup"), "x{:.2f}"), fmt(c["ttft_p50_s"]), fmt(c["ttft_p99_s"])])
-        one = next((row for row in r["rows"] if row["streams"] == 1), None)
-        if one:
-            for row in r["rows"]:
-                row["decode_vs_one_stream"] = row["concurrent"]["decode_tok_s"] / one["concurrent"]["decode_tok_s"]
+                         c.get("full_rows", ""), fmt(c.get("full_step_s", float("nan")) * 1000, "{:.0f}"),
+                         fmt(c.get("full_tok_s")), fmt(vs, "x{:.2f}"), fmt(c["ttft_p50_s"]), fmt(c["ttft_p99_s"])])
     lines += report.table(["engine", "streams", "tok/s together", "tok/s one after another", "speed-up",
-                           "decode tok/s together", "decode tok/s one after another", "decode speed-up",
-                           "TTFT p50 s", "TTFT p99 s"], rows)
-    per = [f"{name} {row['streams']} streams x{row['decode_vs_one_stream']:.2f}" for name, r in result["engines"].items()
-           if "error" not in r for row in r["rows"] if "decode_vs_one_stream" in row and row["streams"] > 1]
+                           "decode tok/s together", "decode tok/s one after another", "rows together",
+                           "steady step ms", "steady decode tok/s", "steady vs 1 stream", "TTFT p50 s",
+                           "TTFT p99 s"], rows)
+    per = [f"{name} {row['streams']} streams x{row['steady_vs_one_stream']:.2f}"
+           for name, r in result["engines"].items() if "error" not in r for row in r["rows"]
+           if row.get("steady_vs_one_stream") is not None and row["streams"] > 1]
     if per:
-        lines += ["", "Decode tok/s together against one stream alone: " + ", ".join(per) + "."]
+        lines += ["", "Steady decode tok/s against one stream alone: " + ", ".join(per) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +189,7 @@ def main(argv=None) -> int:
                     help="both: every scheme with and without the captured decode step (CUDA)")
     ap.add_argument("--decode-kv", choices=("auto", "full", "live", "both"), default="auto",
                     help="the decode step's keys: the whole cache (fixed shapes) or the longest live prefix")
-    ap.add_argument("--quant-kernel", default="auto",
+    ap.add_argument("--quant-kernel", default="auto,qvl-a8",
                     help="comma-separated quant_kernel values the quantized schemes run with, each its own row "
                          "(e.g. auto,qvl-a8)")
     ap.add_argument("--threads", type=int, default=None)

@@ -29,6 +29,21 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stopping = False
+        self._steps_lock = threading.Lock()
+        self._steps: dict[int, list] = {}  # live rows -> [decode steps, seconds]
+
+    def decode_steps(self, reset: bool = False) -> dict[int, tuple[int, float]]:
+        """Decode steps so far by how many requests each carried: ``{rows: (steps, seconds)}``.
+
+        A step's seconds run from its start to its last token handed out (sampling, detokenizing
+        and stop checks included), so ``rows * steps / seconds`` is the decode rate at that batch
+        occupancy, apart from the prefill chunks that ran between steps.
+        """
+        with self._steps_lock:
+            out = {k: (v[0], v[1]) for k, v in sorted(self._steps.items())}
+            if reset:
+                self._steps.clear()
+        return out
 
     def submit(self, seq: Sequence) -> None:
         if self._stopping:
@@ -100,6 +115,7 @@ class EngineCore:
         live = sch.decoding()  # a request whose first token was just chosen joins at once
         if not live:
             return
+        t0 = time.perf_counter()
         try:
             logits = self.runner.decode(live, sch.lengths())
         except Exception as e:
@@ -110,6 +126,10 @@ class EngineCore:
         for s in live:
             s.length += 1
             self._accept(s, logits[s.slot : s.slot + 1])
+        with self._steps_lock:
+            acc = self._steps.setdefault(len(live), [0, 0.0])
+            acc[0] += 1
+            acc[1] += time.perf_counter() - t0
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Choose ``seq``'s next token from its logits row, stream it, finish it when it ends."""

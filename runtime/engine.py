@@ -124,6 +124,11 @@ class Engine:
         ``slots_in_use``, ``slots_total``."""
         return {"running": self._core.running, **self._core.scheduler.state()}
 
+    def decode_steps(self, reset: bool = False) -> dict[int, tuple[int, float]]:
+        """Decode steps run so far by batch occupancy, ``{rows: (steps, seconds)}``
+        (``EngineCore.decode_steps``); ``reset`` starts the count again."""
+        return self._core.decode_steps(reset)
+
     def session(self, system: str | None = None, **kw) -> Session:
         """A conversation or a loop over frames whose instructions stay cached (``qvl.runtime.session``)."""
         return Session(self, system, **kw)

@@ -16,4 +16,8 @@ def test_serving_bench_reports_each_stream_count(tmp_path):
         for mode in ("concurrent", "sequential"):
             assert r[mode]["requests"] == r["streams"] and r[mode]["tokens"] == 4 * r["streams"]
             assert 0 < r[mode]["ttft_p50_s"] <= r[mode]["ttft_p99_s"]
+        conc = r["concurrent"]
+        # every token after a request's first comes from a decode step: rows x steps adds up to them
+        assert sum(int(k) * v for k, v in conc["steps_by_rows"].items()) == 3 * r["streams"]
+        assert conc["full_rows"] == min(r["streams"], 2) and conc["full_steps"] >= 1 and conc["full_tok_s"] > 0
     assert "| bf16 | 3 |" in (tmp_path / "serving.md").read_text()
