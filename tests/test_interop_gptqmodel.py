@@ -8,7 +8,8 @@ its own venv, e.g.::
 
 (torchvision: GPTQModel loads Qwen2-VL with its processor, whose video processor needs it.)
 
-Both directions: our GPTQ / AWQ artifacts loaded by transformers + GPTQModel give the logits
+Both directions, for a tiny Qwen2-VL and a tiny Qwen2.5-VL (windowed tower; GPTQModel knows
+both model types): our GPTQ / AWQ artifacts loaded by transformers + GPTQModel give the logits
 qvl gives; a checkpoint GPTQModel quantized loads in qvl and gives the logits transformers +
 GPTQModel give. Tolerance: GPTQModel's CPU kernels compute in fp16 / bf16 activations while qvl
 runs fp32 here, so logits agree to 3% of their range and the argmax on >= 90% of positions.
@@ -21,14 +22,24 @@ import torch
 
 gptqmodel = pytest.importorskip("gptqmodel")
 
-from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration  # noqa: E402
 
 from qvl.export.quantize import export_quantized  # noqa: E402
 from qvl.model.rope import rope_index  # noqa: E402
 from qvl.export.layerwise import QuantSpec  # noqa: E402
 from qvl.runtime.loader import load_model  # noqa: E402
+from qvl.scripts.tiny import write_tiny_checkpoint  # noqa: E402
 
 REL = 0.03
+HF_CLASS = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def ckpt(request, tiny_ckpt, tmp_path_factory):
+    if request.param == "qwen2_vl":
+        return tiny_ckpt
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("interop_q25"), weights="transformers",
+                                 model_type="qwen2_5_vl", mrope_section=(3, 2, 3))
 
 
 def _inputs(path):
@@ -55,7 +66,8 @@ def _qvl_logits(path):
 
 def _hf_logits(path, dtype):
     ids, pv, grid, img, _ = _inputs(path)
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map="cpu").eval()
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    hf = HF_CLASS[model_type].from_pretrained(path, dtype=dtype, device_map="cpu").eval()
     with torch.no_grad():
         return hf(input_ids=ids, pixel_values=pv.to(dtype), image_grid_thw=grid,
                   mm_token_type_ids=(ids == img).int()).logits[0].float()
@@ -69,15 +81,15 @@ def _close(a, b):
 
 @pytest.mark.parametrize("spec", [QuantSpec("gptq", "gptq", 4, 32), QuantSpec("gptq", "gptq", 8, 32),
                                   QuantSpec("awq", "awq", 4, 32, sym=False)], ids=["gptq4", "gptq8", "awq"])
-def test_our_artifacts_load_in_transformers_gptqmodel(tiny_ckpt, tmp_path, spec):
-    out = export_quantized(tiny_ckpt, tmp_path / "q", spec, calib_samples=8, quality_samples=0)
+def test_our_artifacts_load_in_transformers_gptqmodel(ckpt, tmp_path, spec):
+    out = export_quantized(ckpt, tmp_path / "q", spec, calib_samples=8, quality_samples=0)
     _close(_hf_logits(out, torch.float16), _qvl_logits(out))
 
 
-def test_gptqmodel_checkpoint_loads_in_qvl(tiny_ckpt, tmp_path):
+def test_gptqmodel_checkpoint_loads_in_qvl(ckpt, tmp_path):
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    model = GPTQModel.load(str(tiny_ckpt), QuantizeConfig(bits=4, group_size=32))
+    model = GPTQModel.load(str(ckpt), QuantizeConfig(bits=4, group_size=32))
     calib = ["The quick brown fox jumps over the lazy dog. " * 4, "Pictures of shapes and colours. " * 4] * 8
     model.quantize(calib, batch_size=1)
     out = tmp_path / "gptqmodel-int4"
