@@ -36,3 +36,16 @@ def test_engines_share_weights_and_agree():
                           "rounds": 1, "steps": 3, "threads": 1, "copy_gb_s": 1.0, "loadavg_end": 1.0,
                           "vision": rows, "decode": d})
     assert "| qvl |" in md and "56x84" in md
+
+
+def test_cases_are_the_grids_of_their_pictures():
+    """Each case's grid is what the image processor makes of a picture of that name's size (the
+    release's pixel limits), so 1288x728 runs at its full 4784 patches: windows of 112 px cut at
+    its bottom and right edges (52 x 92 patches, 8-patch windows)."""
+    from qvl.runtime.processor import ImageProcessor
+
+    proc = ImageProcessor()
+    for name, (t, h, w) in qwen25.CASES.items():
+        width, height = map(int, name.split("x"))
+        assert t == 1 and proc.target_size(height, width) == (h * 14, w * 14), name
+    assert qwen25.CASES["1288x728"] == (1, 52, 92)
