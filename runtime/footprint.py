@@ -175,8 +175,9 @@ def quant_linear_bytes(bits: int, n: int, k: int, group: int, dtype: str, kernel
     """Bytes one ``Int4Linear`` / ``Int8Linear`` [n, k] holds in ``kernel``'s packing (``QuantLinear.nbytes``)."""
     s = _DTYPE_SIZE[dtype]
     groups = math.ceil(k / group)
-    if kernel == "qvl":  # codes, fp16 scales, uint8 zeros per (row, group), fp32 bias
-        return n * k * bits // 8 + n * groups * 3 + 4 * n * bias + 8 * k * act_order
+    if kernel in ("qvl", "qvl-a8"):  # codes, fp16 scales, uint8 zeros per (row, group), fp32 bias
+        rows = -(-n // 64) * 64 if kernel == "qvl-a8" else n  # a8 tiles of 64 rows, the last padded
+        return rows * k * bits // 8 + rows * groups * 3 + 4 * n * bias + 8 * k * act_order
     if kernel == "int4pack":  # 8-bit runs as two nibbles: twice the groups
         kg = next(g for g in (256, 128, 64, 32) if group % g == 0)
         halves = 2 if bits == 8 else 1
@@ -216,8 +217,8 @@ def decoder_bytes(info: CheckpointInfo, dtype: str, quant_kernel: str = "auto", 
 def embed_head_bytes(info: CheckpointInfo, dtype: str, head: str = "checkpoint", quant_kernel: str = "auto",
                      device: str = "cpu", qvl_kernel: bool | None = None) -> int:
     """Token embeddings plus the output head, as ``head`` holds it (``qvl.runtime.head``). With tied
-    embeddings a quantized head is a second tensor beside the table, and the whole table is read
-    (resident) when the head is rounded from it at load."""
+    embeddings and a quantized head in a CPU kernel's layout the lookup reads the head's rows: the
+    head alone; in torch's int4pack layout the float table stays beside it. Untied, the table stays."""
     t = info.cfg.text
     dtype = compute_dtype(info, dtype)
     table = t.vocab_size * t.hidden_size * _DTYPE_SIZE[dtype]
@@ -225,7 +226,9 @@ def embed_head_bytes(info: CheckpointInfo, dtype: str, head: str = "checkpoint",
         return table if info.cfg.tie_word_embeddings else 2 * table
     bits, group = (8, t.hidden_size) if head == "int8" else (4, 128 if t.hidden_size % 128 == 0 else t.hidden_size)
     kernel = _kernel_for(bits, t.vocab_size, t.hidden_size, group, dtype, device, quant_kernel, qvl_kernel)
-    return table + quant_linear_bytes(bits, t.vocab_size, t.hidden_size, group, dtype, kernel, False)
+    quantized = quant_linear_bytes(bits, t.vocab_size, t.hidden_size, group, dtype, kernel, False)
+    shared = info.cfg.tie_word_embeddings and kernel in ("qvl", "qvl-a8")
+    return quantized if shared else table + quantized
 
 
 def kv_bytes_per_token(info: CheckpointInfo, dtype: str, kv_cache_dtype: str = "auto") -> int:

@@ -7,6 +7,7 @@ stays near the size of the weights. Only the safetensors format is read: never p
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -134,3 +135,34 @@ class Checkpoint:
 
     def release(self, name) -> None:
         self.where[name].release(name)
+
+
+def _file_mapping(lo: int, hi: int) -> bool:
+    """Whether [lo, hi) lies inside one private mapping of a file (``/proc/self/maps``)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, _, end = fields[0].partition("-")
+                if int(start, 16) <= lo and hi <= int(end, 16):
+                    return fields[1].endswith("p") and fields[4] != "0"
+    except OSError:
+        pass
+    return False
+
+
+def release_mapped(t: torch.Tensor) -> bool:
+    """Drop the pages under ``t`` (contiguous, on the CPU) from this process after its last read,
+    where ``t`` is a view of a memory-mapped file (:meth:`SafetensorsFile.get`): the page cache keeps
+    the file, so a later read faults the same bytes back. Memory not backed by a file is left alone
+    (dropping it would zero it). Only whole pages inside ``t`` go. True when pages were dropped."""
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous() or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    begin = t.data_ptr()
+    end = begin + t.numel() * t.element_size()
+    lo = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi <= lo or not _file_mapping(begin, end):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED)) == 0

@@ -83,9 +83,17 @@ def test_weights_of_a_float_checkpoint(tiny_ckpt, tiny_ckpt_tied, dtype):
 
 
 @pytest.mark.parametrize("head", ["int8", "int4"])
-def test_weights_with_a_quantized_head(tiny_ckpt, tiny_ckpt_tied, head):
-    _check_weights(tiny_ckpt, dtype="bfloat16", head=head)
-    _check_weights(tiny_ckpt_tied, dtype="bfloat16", head=head)  # the table stays beside the head
+@pytest.mark.parametrize("kernel", ["auto", "qvl-a8", "int4pack"])
+def test_weights_with_a_quantized_head(tiny_ckpt, tiny_ckpt_tied, head, kernel):
+    from qvl.quant import cpu
+    from qvl.runtime.head import TiedLookup
+
+    if kernel == "qvl-a8" and cpu.isa() is None:
+        pytest.skip(f"qvl's CPU kernel does not run here: {cpu.unavailable()}")
+    _check_weights(tiny_ckpt, dtype="bfloat16", head=head, quant_kernel=kernel)
+    # tied: the lookup reads the head's rows (no table), except from int4pack's opaque layout
+    eng = _check_weights(tiny_ckpt_tied, dtype="bfloat16", head=head, quant_kernel=kernel)
+    assert isinstance(eng.model.embed_tokens, TiedLookup) == (eng.model.lm_head.kernel != "int4pack")
 
 
 @pytest.mark.parametrize("group,dtype,kernel", [(32, "float32", "dequant"), (32, "bfloat16", "int4pack"),
