@@ -88,7 +88,8 @@ class Metrics:
         return n / RATE_WINDOW_S
 
     def render(self, engine_state: dict | None = None) -> str:
-        """``engine_state``: ``Engine.state()`` (queue depth and slot use)."""
+        """``engine_state``: ``Engine.state()`` (queue depth and slot use), with ``decode_steps``:
+        ``Engine.decode_steps()`` (steps and their seconds by how many requests each carried)."""
         es = engine_state or {}
         waiting, busy, total = es.get("queue_depth", 0), es.get("slots_in_use", 0), es.get("slots_total", 0)
         rate = self.tokens_per_s()
@@ -118,4 +119,12 @@ class Metrics:
             lines += ["# HELP qvl_request_latency_seconds Request received -> last token.",
                       "# TYPE qvl_request_latency_seconds histogram"]
             lines += self.latency.lines("qvl_request_latency_seconds")
+        steps = es.get("decode_steps") or {}
+        if steps:  # batch occupancy: how full the decode steps ran, and what each size cost
+            lines += ["# HELP qvl_decode_steps_total Decode steps by the requests they carried.",
+                      "# TYPE qvl_decode_steps_total counter"]
+            lines += [f'qvl_decode_steps_total{{rows="{k}"}} {n}' for k, (n, _) in sorted(steps.items())]
+            lines += ["# HELP qvl_decode_step_seconds_total Time in decode steps by the requests they carried.",
+                      "# TYPE qvl_decode_step_seconds_total counter"]
+            lines += [f'qvl_decode_step_seconds_total{{rows="{k}"}} {t:.6f}' for k, (_, t) in sorted(steps.items())]
         return "\n".join(lines) + "\n"

@@ -248,7 +248,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        text = state.metrics.render(engine.state())
+        text = state.metrics.render({**engine.state(), "decode_steps": engine.decode_steps()})
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

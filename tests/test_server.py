@@ -351,6 +351,9 @@ def test_request_timeout_frees_the_slot(servers, engine):
     for name in ("qvl_queue_depth", "qvl_slots_total 1", "qvl_generation_tokens_per_second",
                  'qvl_time_to_first_token_seconds_bucket{le="+Inf"}', "qvl_request_latency_seconds_count"):
         assert name in text
+    # one slot: every decode step carried one request, and the engine's own count is what is exposed
+    assert b.metric('qvl_decode_steps_total{rows="1"}') > 0 and 'rows="2"' not in text
+    assert b.metric('qvl_decode_step_seconds_total{rows="1"}') > 0
 
 
 def test_internal_error_hides_the_traceback():
