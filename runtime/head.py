@@ -38,10 +38,10 @@ from qvl.runtime.weights import release_mapped
 log = logging.getLogger(__name__)
 
 HEADS = ("int8", "int4")
-# rows rounded and packed per step: the fp32 temporaries stay ~50 MB, not the head's 0.9 GB; a
-# multiple of every row block of the CPU kernels' layouts (4 rows qvl, 64 qvl-a8), so the blocks'
-# packed buffers are consecutive slices of the whole's
-_ROWS_AT_ONCE = 8192
+# rows rounded and packed per step: rounding holds ~3 fp32 copies of a block (~40 MB on the 2B
+# shapes), which at load sit on top of everything else; a multiple of every row block of the CPU
+# kernels' layouts (4 rows qvl, 64 qvl-a8), so the blocks' packed buffers are consecutive slices of the whole's
+_ROWS_AT_ONCE = 2048
 _IDS_AT_ONCE = 1024  # token ids looked up per step: fp32 temporaries of ~6 MB on the 2B shapes
 
 

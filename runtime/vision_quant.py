@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 VISION_QUANTS = ("none", "int8")
 _SCALE_MIN = 2.0**-14  # fp16's smallest normal: scales stay in the range the kernels hold exactly
-_ROWS_AT_ONCE = 4096  # rows rounded per step: the fp32 temporaries stay ~80 MB on a 5120-wide merger
+_ROWS_AT_ONCE = 1024  # rows rounded per step: one fp32 copy of a block, 21 MB on a 5120-wide merger
 
 
 def check_vision_quant(scheme: str) -> None:
@@ -51,9 +51,9 @@ def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
     q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(n, dtype=torch.float16, device=weight.device)
     for i in range(0, n, _ROWS_AT_ONCE):
-        w = weight[i : i + _ROWS_AT_ONCE].float()
+        w = weight[i : i + _ROWS_AT_ONCE].to(torch.float32, copy=True)  # rounded in place below
         s = (w.abs().amax(1) / 127).clamp_(min=_SCALE_MIN).half()  # an all-zero row: any scale is exact
-        q[i : i + _ROWS_AT_ONCE] = (torch.round(w / s.float()[:, None]) + 128).to(torch.uint8)
+        q[i : i + _ROWS_AT_ONCE] = w.div_(s.float()[:, None]).round_().add_(128)
         scales[i : i + _ROWS_AT_ONCE] = s
     zeros = torch.full((1, n), 128, dtype=torch.int16, device=weight.device)
     return QuantizedWeight(q, zeros, scales[None], 8, k)
