@@ -8,7 +8,8 @@ Tolerances: window index, rope ids and greedy tokens exact; vision features 1e-4
 (observed ~2e-7: summation order of matmul vs conv3d and of batched vs per-window SDPA).
 Videos reach the reference as in test_video_generate.py: pixels and frame rates from qvl's video
 pipeline (qwen-vl-utils' semantics), ``second_per_grid_ts`` = temporal_patch_size / sampled fps
-as Qwen2_5_VLProcessor computes it from qwen-vl-utils' metadata.
+as Qwen2_5_VLProcessor computes it from qwen-vl-utils' metadata. test_qwen25_vl_utils.py runs
+qwen-vl-utils and the processor themselves (opt-in: they need torchvision).
 """
 
 import dataclasses
