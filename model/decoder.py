@@ -13,7 +13,7 @@ from torch import nn
 
 from qvl.model.config import TextConfig
 from qvl.model.kv_cache import KVCache
-from qvl.model.rope import rotate_half
+from qvl.model.rope import apply_rotary
 
 
 class Linear(nn.Linear):
@@ -44,10 +44,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, scale in the activation dtype: the reference's rounding order
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in fp32, scale in the activation dtype: the reference's rounding order (torch's
+        # fused rms_norm gives the bits of x * rsqrt(mean(x^2) + eps) in one op instead of five)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -62,13 +61,15 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len: int, row: int = 0):
+        """``cos``, ``sin``: :class:`MRope`'s tables [B, T, 1, Dh]."""
         bsz, seqlen, _ = x.shape
-        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        heads = self.n_heads + self.n_kv
+        # q and k side by side, so one rotary pass covers both: [B, T, H + Hkv, Dh]
+        qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(bsz, seqlen, heads, self.head_dim)
+        qk = apply_rotary(qk, cos, sin)
+        q = qk[:, :, : self.n_heads].transpose(1, 2)  # [B, H, T, Dh]
+        k = qk[:, :, self.n_heads :].transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.v_proj(x).view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, row, kv_len)  # an int8 cache dequantizes here
         if mask is None:

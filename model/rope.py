@@ -28,6 +28,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for the tables of :meth:`MRope.forward`, bit for bit: the
+    sign of rotate_half's first half sits in ``sin_signed``, and (-a) * b == a * (-b) exactly."""
+    return x * cos + swap_halves(x) * sin_signed
+
+
 def rope_index(
     input_ids: torch.Tensor,
     grids: list[tuple[int, int, int]],
@@ -100,10 +111,13 @@ def rope_index(
 
 
 class MRope(nn.Module):
-    """cos/sin [B, T, head_dim] for M-RoPE ids [3, B, T].
+    """Rotary tables cos, sin_signed [B, T, 1, head_dim] for M-RoPE ids [3, B, T], for
+    :func:`apply_rotary` on q and k laid out [B, T, heads, head_dim].
 
     The rotary half-dim is split into ``mrope_section`` chunks (t, h, w); chunk k takes its
     angles from axis k. Text tokens have equal ids on every axis, which is plain 1D RoPE.
+    ``sin_signed`` is sin with its first half negated (rotate_half's sign), built once a forward
+    so that no layer pays for the negation.
     """
 
     def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...]):
@@ -121,5 +135,6 @@ class MRope(nn.Module):
         # pick, for every frequency, the position on its axis: [3, B, T] -> [B, T, head_dim/2]
         pos = positions.permute(1, 2, 0).float()[..., self.axis]
         freqs = pos * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, head_dim]
+        sin, half = emb.sin(), emb.shape[-1] // 2
+        return emb.cos().to(dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(dtype)
