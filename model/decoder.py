@@ -1,8 +1,11 @@
 """Qwen2 decoder layer: RMSNorm, GQA attention with QKV bias and M-RoPE, SwiGLU MLP.
 
-Linears keep the checkpoint's own split (q/k/v, gate/up/down), so a weight is used straight
-from the memory-mapped file and a quantized checkpoint maps one tensor group to one module;
-fusing would force a copy at load and saves only ~1% of a CPU decode step.
+Linears keep the checkpoint's own split (q/k/v, gate/up/down), so a float weight is used straight
+from the memory-mapped file and a quantized checkpoint maps one tensor group to one module. Where
+the linears' type can run several as one kernel call (``type(linear).fuse``: qvl's quantized CPU
+kernels, whose layouts are repacked at load anyway), :meth:`DecoderLayer.fuse_linears` joins q/k/v
+and gate/up: a kernel call has a fixed cost (the thread fork, the activation pass) that the small
+k and v products pay again in full.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class Linear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
+def _fused(parts):
+    """``type(parts[0]).fuse(parts)`` where the type has one (None where it has not, or declines)."""
+    fuse = getattr(type(parts[0]), "fuse", None)
+    return fuse(parts) if fuse is not None else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -59,17 +68,29 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.kv_dim, bias=True)
         self.o_proj = Linear(self.q_dim, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self.wqkv = None  # q, k, v as one call, where the linears fuse
+
+    def fuse(self) -> None:
+        self.wqkv = _fused([self.q_proj, self.k_proj, self.v_proj])
+
+    def _apply(self, fn, recurse=True):
+        self.wqkv = None  # it holds the parts' buffers as they were: moved or cast, they are others
+        return super()._apply(fn, recurse)
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len: int, row: int = 0):
         """``cos``, ``sin``: :class:`MRope`'s tables [B, T, 1, Dh]."""
         bsz, seqlen, _ = x.shape
         heads = self.n_heads + self.n_kv
         # q and k side by side, so one rotary pass covers both: [B, T, H + Hkv, Dh]
-        qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(bsz, seqlen, heads, self.head_dim)
-        qk = apply_rotary(qk, cos, sin)
+        if self.wqkv is not None:
+            qkv = self.wqkv(x)  # [B, T, (H + 2 Hkv) Dh]
+            qk, v = qkv[..., : self.q_dim + self.kv_dim], qkv[..., self.q_dim + self.kv_dim :]
+        else:
+            qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
+        qk = apply_rotary(qk.view(bsz, seqlen, heads, self.head_dim), cos, sin)
         q = qk[:, :, : self.n_heads].transpose(1, 2)  # [B, H, T, Dh]
         k = qk[:, :, self.n_heads :].transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, row, kv_len)  # an int8 cache dequantizes here
         if mask is None:
@@ -85,8 +106,20 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w_gate_up = None  # gate and up as one call, where the linears fuse
+
+    def fuse(self) -> None:
+        self.w_gate_up = _fused([self.gate_proj, self.up_proj])
+
+    def _apply(self, fn, recurse=True):
+        self.w_gate_up = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x):
+        if self.w_gate_up is not None:
+            gate_up = self.w_gate_up(x)  # [B, T, 2 I]
+            n = gate_up.shape[-1] // 2
+            return self.down_proj(F.silu(gate_up[..., :n]) * gate_up[..., n:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -97,6 +130,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+
+    def fuse_linears(self) -> None:
+        """Join q/k/v and gate/up into one call each where their type allows (see the module doc)."""
+        self.self_attn.fuse()
+        self.mlp.fuse()
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len, row: int = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, row)

@@ -231,6 +231,34 @@ class QuantLinear(nn.Module):
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    @staticmethod
+    def fuse(parts: list["QuantLinear"]) -> "FusedQuantLinear | None":
+        """One kernel call for ``parts`` (linears of the same input, e.g. q/k/v), or None where their
+        layouts cannot be concatenated: both qvl CPU kernels, same bits, group, input width, activation
+        dtype and bias presence, no act-order permutation, and for qvl-a8 every part's outputs a whole
+        number of its 64-row tiles. The joint buffers replace the parts' own, which become views of
+        them, so the weights are held once and every part still runs alone."""
+        first = parts[0]
+        if any(type(p) is not type(first) or p.kernel != first.kernel or p.in_features != first.in_features
+               or p.group_size != first.group_size or p.act_dtype != first.act_dtype or p.perm is not None
+               or (p.bias is None) != (first.bias is None) for p in parts):
+            return None
+        if first.kernel not in CPU_KERNELS:
+            return None
+        tile = cpu.A8_NT if first.kernel == "qvl-a8" else cpu.ROWS  # output rows per block of the layouts
+        if any(p.out_features % tile for p in parts):
+            return None
+        names = ("weight", "kscales", "kzeros") + (("bias",) if first.bias is not None else ())
+        joint = {name: torch.cat([getattr(p, name) for p in parts]) for name in names}
+        start = 0
+        for p in parts:  # [start, end) of the joint outputs, in blocks for the packed buffers
+            end = start + p.out_features
+            for name in names:
+                rows = 1 if name == "bias" else tile
+                setattr(p, name, joint[name][start // rows : end // rows])
+            start = end
+        return FusedQuantLinear(parts, joint)
+
     def nbytes(self) -> int:
         """Bytes of everything the forward reads (packed weight, scales, zeros, index, bias)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -238,6 +266,42 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, kernel={self.kernel}, bias={self.bias is not None}")
+
+
+class FusedQuantLinear:
+    """Linears of one input run as one kernel call over their concatenated outputs (built by
+    :meth:`QuantLinear.fuse`): one activation pass and one thread fork instead of one per part.
+
+    Each output column is computed alone by both CPU kernels, so the joint result equals the parts'
+    results side by side, bit for bit. Past the kernels' row limits (prefill) each part runs its own
+    dequantize + GEMM, as alone. Not a module: the parts stay the model's submodules and hold the
+    (shared) buffers; a module that keeps one drops it when it is moved or cast (``_apply``).
+    """
+
+    def __init__(self, parts: list[QuantLinear], joint: dict[str, torch.Tensor]):
+        self.parts = parts
+        first = parts[0]
+        self.kernel, self.bits, self.group_size = first.kernel, first.bits, first.group_size
+        self.in_features = first.in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.weight, self.kscales, self.kzeros = joint["weight"], joint["kscales"], joint["kzeros"]
+        self.bias = joint.get("bias")
+        self.max_rows = cpu.A8_MAX_M if self.kernel == "qvl-a8" else cpu.GEMV_MAX_M
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if x2.shape[0] > self.max_rows:
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+        if x.dtype != self.parts[0].act_dtype:
+            raise TypeError(f"fused linears packed for {self.parts[0].act_dtype} activations, got {x.dtype}")
+        x2 = x2.contiguous()
+        if self.kernel == "qvl-a8":
+            y = cpu.a8_gemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size,
+                            self.out_features, self.bias)
+        else:
+            y = cpu.qgemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size, self.bias)
+        return y.reshape(*lead, self.out_features)
 
 
 class Int4Linear(QuantLinear):
