@@ -179,6 +179,15 @@ def _norm(cfg: VisionConfig) -> nn.Module:
     return RMSNorm(cfg.embed_dim, 1e-6) if cfg.windowed else nn.LayerNorm(cfg.embed_dim, eps=1e-6)
 
 
+# bytes of one [rows, hidden] MLP activation per chunk of patches: the MLP's [N, 4E] temporaries
+# (three alive at once) were the largest part of a block's peak
+MLP_CHUNK_BYTES = 4 << 20
+
+
+def mlp_chunk_rows(hidden: int, element_size: int) -> int:
+    return max(64, MLP_CHUNK_BYTES // (hidden * element_size))
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -186,13 +195,25 @@ class VisionBlock(nn.Module):
         self.norm2 = _norm(cfg)
         self.attn = VisionAttention(cfg.embed_dim, cfg.num_heads)
         if cfg.windowed:
+            self.hidden = cfg.intermediate_size
             self.mlp = VisionGatedMLP(cfg.embed_dim, cfg.intermediate_size)
         else:
-            self.mlp = VisionMLP(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+            self.hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+            self.mlp = VisionMLP(cfg.embed_dim, self.hidden)
 
     def forward(self, x, cos, sin, cu_seqlens, mask=None):
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, mask)
-        return x + self.mlp(self.norm2(x))
+        rows = mlp_chunk_rows(self.hidden, x.element_size())
+        n = x.shape[0]
+        # a traced graph (ONNX export) keeps the plain path: a Python loop over N would fix N in it
+        if n <= rows or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return x + self.mlp(self.norm2(x))
+        # rows are independent (norm, MLP and residual are per patch): [rows, hidden] at a time
+        out = torch.empty_like(x)
+        for a in range(0, n, rows):
+            xa = x[a : a + rows]
+            out[a : a + rows] = xa + self.mlp(self.norm2(xa))
+        return out
 
 
 class PatchMerger(nn.Module):

@@ -9,8 +9,9 @@ LayerNorms and the biases (small, and the embedding sees raw pixels), and the ro
 so a tower variant (Qwen2.5-VL's) needs nothing here.
 
 A forward of many rows (the tower runs hundreds to thousands of patches a call) dequantizes the
-layer's weight to the activation dtype for that call and runs torch's dense GEMM, one layer's
-float weight alive at a time; up to ``qvl.quant.cpu.GEMV_MAX_M`` rows run qvl's int8 GEMV. On
+layer's weight to the activation dtype and runs torch's dense GEMM, a block of output channels at a
+time (:class:`VisionInt8Linear`, at most ``DEQUANT_BLOCK_BYTES`` of float weight alive): the
+merger's 5120 x 5120 would be 52 MB in bf16 whole, more than the rest of the call; up to ``qvl.quant.cpu.GEMV_MAX_M`` rows run qvl's int8 GEMV. On
 the CPU torch's ``_weight_int8pack_mm`` was 5-7x slower than that at 1024 rows in bf16 and
 ~100x in fp32 (figures: bench/results/int8_memory.md).
 
@@ -26,8 +27,11 @@ import logging
 import torch
 from torch import nn
 
+from qvl.quant import cpu
 from qvl.quant.linear import Int8Linear, QuantLinear
+from qvl.quant.weight import dequantize as dequantize_weight
 from qvl.quant.weight import QuantizedWeight
+from qvl.runtime.footprint import DEQUANT_BLOCK_BYTES
 from qvl.runtime.quantized import _return_freed_memory
 from qvl.runtime.weights import Checkpoint, CheckpointError
 
@@ -59,10 +63,56 @@ def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(q, zeros, scales[None], 8, k)
 
 
+def block_rows(out_features: int, in_features: int, element_size: int) -> int:
+    """Output channels dequantized at once: ``DEQUANT_BLOCK_BYTES`` of float weight, a whole number of
+    the qvl layout's row blocks (``cpu.ROWS``), at least one."""
+    rows = DEQUANT_BLOCK_BYTES // (in_features * element_size)
+    return min(out_features, max(cpu.ROWS, rows - rows % cpu.ROWS))
+
+
+class VisionInt8Linear(Int8Linear):
+    """An ``Int8Linear`` whose many-row forward dequantizes a block of output channels at a time
+    (:func:`block_rows`) into one preallocated output, so the transient is one block of float weight,
+    not the layer's. Each output column is the same dot product as with the whole weight (torch's
+    ``addmm`` over the same rows of x and the same column of W, bias added the same way), so the
+    result equals the whole-weight computation (tests/test_int8_memory.py checks bf16 and fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        m = x2.shape[0]
+        rows = block_rows(self.out_features, self.in_features, x.element_size())
+        blocked = (self.kernel == "dequant" or (self.kernel == "qvl" and m > cpu.GEMV_MAX_M)) and self.perm is None
+        if not blocked or rows >= self.out_features:
+            return super().forward(x)
+        if self.kernel == "qvl":
+            if x.dtype != self.act_dtype:
+                raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
+            x2 = x2.contiguous()
+        y = torch.empty(m, self.out_features, dtype=x.dtype, device=x.device)
+        for a in range(0, self.out_features, rows):
+            b = min(a + rows, self.out_features)
+            w = self._weight_rows(a, b, x.dtype)  # [b - a, K]
+            if self.bias is None:
+                torch.mm(x2, w.t(), out=y[:, a:b])
+            else:
+                torch.addmm(self.bias[a:b].to(x.dtype), x2, w.t(), out=y[:, a:b])
+            del w
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _weight_rows(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [a, b) of W [N, K] in ``dtype``, as the whole-weight forward rounds them."""
+        if self.kernel == "qvl":  # the layout's blocks of cpu.ROWS rows; a and b are multiples (or b = N)
+            blk = slice(a // cpu.ROWS, -(-b // cpu.ROWS))
+            return cpu.dequantize(self.weight[blk], self.kscales[blk], self.kzeros[blk], self.bits,
+                                  self.in_features, self.group_size, dtype)[: b - a]
+        return dequantize_weight(self._load_q()[a:b], self.zeros[:, a:b], self.scales[:, a:b], self.g_idx,
+                                 torch.float32).to(dtype)
+
+
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                 kernel: str = "auto") -> QuantLinear:
     """The ``Int8Linear`` for one float linear's weight [N, K] and bias, run with ``dtype`` activations."""
-    return Int8Linear.from_weight(quantize_weight(weight), None if bias is None else bias.to(dtype), dtype, kernel)
+    return VisionInt8Linear.from_weight(quantize_weight(weight), None if bias is None else bias.to(dtype), dtype, kernel)
 
 
 def _linears(tower: nn.Module) -> dict[str, nn.Linear]:

@@ -85,6 +85,64 @@ def test_int8_linear_computes_with_its_dequantized_weight(dtype, rows):
     assert (lin(x).double() - want).abs().max() <= tol * want.abs().max()
 
 
+def _close_to_whole(got, whole, dtype):
+    """Blocked against whole-weight (or whole-batch) GEMMs: fp32 bit for bit where only the output
+    columns are split, else within one bf16 (2^-8) / fp32 (1e-6) rounding of the largest output:
+    oneDNN's bf16 GEMM and MKL's fp32 GEMM sum K in an order that depends on N and M (measured
+    2.1e-3 and 1.9e-7 on [1024, 5120] x [5120, 1280])."""
+    tol = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
+    assert (got.double() - whole.double()).abs().max() <= tol * whole.double().abs().max()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k, bias", [(5120, 5120, True), (1280, 5120, False), (3840, 1280, True)])
+def test_int8_linear_dequantizes_a_block_of_outputs_at_a_time(kernel, dtype, n, k, bias):
+    g = torch.Generator().manual_seed(3)
+    w = (0.02 * torch.randn(n, k, generator=g)).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    lin = vq.int8_linear(w, b, dtype, kernel)
+    whole = Int8Linear.from_weight(vq.quantize_weight(w), b, dtype, kernel)  # the layer's weight at once
+    assert isinstance(lin, vq.VisionInt8Linear)
+    rows = vq.block_rows(n, k, w.element_size())
+    assert rows < n and rows % 4 == 0 and rows * k * w.element_size() <= vq.DEQUANT_BLOCK_BYTES
+    x = torch.randn(200, k, generator=g).to(dtype)
+    with torch.inference_mode():
+        got, want = lin(x), whole(x)
+        few = torch.equal(lin(x[:3]), whole(x[:3]))  # the GEMV rows: the parent's path
+    assert few
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:
+        _close_to_whole(got, want, dtype)
+
+
+@pytest.mark.parametrize("windowed", [False, True], ids=["qwen2", "qwen25"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_mlp_over_chunks_of_patches_equals_the_whole_batch(windowed, dtype, monkeypatch):
+    from qvl.model import vision
+    from qvl.model.config import VisionConfig
+
+    cfg = VisionConfig(depth=1, embed_dim=64, num_heads=4, hidden_size=96, intermediate_size=160,
+                       variant="qwen2_5_vl" if windowed else "qwen2_vl")
+    torch.manual_seed(0)
+    blk = vision.VisionBlock(cfg).to(dtype).requires_grad_(False)
+    x = torch.randn(600, 64).to(dtype)
+    cos, sin = torch.randn(600, 16), torch.randn(600, 16)
+    with torch.inference_mode():
+        whole = blk(x, cos, sin, [0, 600])
+        monkeypatch.setattr(vision, "MLP_CHUNK_BYTES", 64 * blk.hidden * x.element_size())
+        assert vision.mlp_chunk_rows(blk.hidden, x.element_size()) == 64  # 10 chunks, the last one short
+        got = blk(x, cos, sin, [0, 600])
+        _close_to_whole(got, whole, dtype)
+        # a traced block (the ONNX exporter's tracer) takes the plain path, so its graph runs any N
+        mask = torch.ones(600, 600, dtype=torch.bool)
+        traced = torch.jit.trace(lambda x, c, s, m: blk(x, c, s, None, m), (x, cos, sin, mask), check_trace=False)
+        # more patches than traced: a loop fixed at 600 rows would leave the last 100 unwritten
+        few = torch.cat([x, x[:100]]), torch.cat([cos, cos[:100]]), torch.cat([sin, sin[:100]]), torch.ones(700, 700, dtype=torch.bool)
+        _close_to_whole(traced(*few), blk(*few[:3], None, few[3]), dtype)  # eager: chunked, traced: whole
+
+
 # --- the int8 tower -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
