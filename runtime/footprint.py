@@ -9,8 +9,8 @@ option that changes it (``head``, ``dtype``, ``quant_kernel``, ``vision_quant``,
 The vision tower's activation peak is a measured model: per patch of one tower call,
 ``VISION_UNITS * embed_dim * s`` bytes (s the tower's element size, bf16 and fp32 alike), plus
 ``VISION_FIXED``. Attention is block-diagonal per image / frame pair and runs fused (no [N, N]
-scores), so the peak is linear in the call's patches: the MLP's three [N, 4E] temporaries and
-the residual stream make the 15-16 units. The figures were fitted with ``python -m qvl.bench.memory --fit``
+scores), so the peak is linear in the call's patches; the block MLP runs over chunks of patches
+(``qvl.model.vision.MLP_CHUNK_BYTES``), so its [N, 4E] temporaries are a fixed part, not per patch. The figures were fitted with ``python -m qvl.bench.memory --fit``
 (bench/results/memory.md) with glibc's mmap threshold pinned (``plan.pin_allocator``).
 """
 
@@ -37,6 +37,9 @@ RUNTIME_BYTES = 400_000_000
 # part that does not grow with the patches (fitted: bench/results/memory.md)
 VISION_UNITS = 15.6
 VISION_FIXED = 10_000_000
+# float weight an int8 vision linear dequantizes at once for a many-row call (a block of output
+# channels; qvl.runtime.vision_quant.VisionInt8Linear)
+DEQUANT_BLOCK_BYTES = 4 << 20
 PATCH_VALUES = 1176  # 3 channels x 2 frames x 14 x 14: one float32 pixel row of the processor
 
 _ELEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -244,14 +247,15 @@ def kv_bytes_per_token(info: CheckpointInfo, dtype: str, kv_cache_dtype: str = "
 def vision_call_bytes(info: CheckpointInfo, dtype: str, patches: int, vision_quant: str = "none") -> int:
     """The vision tower's activation peak for one call over ``patches`` patches (all its images or
     frame pairs together), the float32 pixel rows it reads excluded (:func:`request_bytes`); an int8
-    tower adds its largest linear, dequantized for the call."""
+    tower adds one block of its largest linear dequantized for the call (``DEQUANT_BLOCK_BYTES`` at
+    most, or the whole weight where it is smaller)."""
     if patches <= 0:
         return 0
     s = _DTYPE_SIZE[compute_dtype(info, dtype)]
     dense = 0
     if vision_quant == "int8":
-        dense = max((_numel(shape) for name, (_, shape) in info.visual().items()
-                     if len(shape) == 2 and name.endswith(".weight")), default=0) * s
+        dense = min(DEQUANT_BLOCK_BYTES, max((_numel(shape) for name, (_, shape) in info.visual().items()
+                                              if len(shape) == 2 and name.endswith(".weight")), default=0) * s)
     return int(patches * VISION_UNITS * info.cfg.vision.embed_dim * s + VISION_FIXED) + dense
 
 
