@@ -114,7 +114,13 @@ def _categories(model, runner):
             out.append((m, "forward", cat))
         if isinstance(m, Attention) and m.kv_cache is not None:
             out.append((m.kv_cache, "update", "kv_cache"))
+        out += [(m, name, "linears") for name in _fused_names(m)]
     return out
+
+
+def _fused_names(m) -> list[str]:
+    """The attributes of ``m`` holding fused linears (one kernel call for several, not modules)."""
+    return [name for name in ("wqkv", "w_gate_up") if getattr(m, name, None) is not None]
 
 
 @harness.worker
@@ -134,7 +140,9 @@ def step_worker(spec: dict, res: dict) -> None:
     cfg = model.cfg
     runner = ModelRunner(model, None, cfg.image_token_id, cfg.video_token_id, "cpu", decode_kv=spec["decode_kv"])
     linears = [m for m in model.layers.modules() if isinstance(m, (nn.Linear, QuantLinear))]
-    res["linears_per_step"] = len(linears) + 1
+    fused = [(m, name) for m in model.layers.modules() for name in _fused_names(m)]
+    joined = {id(p) for m, name in fused for p in getattr(m, name).parts}
+    res["linears_per_step"] = len(linears) - len(joined) + len(fused) + 1  # kernel calls, the head's included
     res["kernels"] = sorted({getattr(m, "kernel", "dense") for m in linears})
     wrapped = _categories(model, runner)
     res["batches"] = {}
@@ -154,6 +162,8 @@ def step_worker(spec: dict, res: dict) -> None:
                     elif mode == "noop":
                         for m in [*linears, model.lm_head]:
                             patches.set(m, "forward", _zeros(m))
+                        for m, name in fused:
+                            patches.set(m, name, _zeros(getattr(m, name)))
                     try:
                         t0 = time.perf_counter()
                         tok = runner.decode(seqs, lengths).argmax(-1)
@@ -284,6 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="fresh processes per code variant, alternating")
     ap.add_argument("--decode-kv", default="live", choices=("live", "full"))
     ap.add_argument("--before", default=None, help="a git revision whose model code is measured too")
+    ap.add_argument("--after", default=None, help="with --before: a revision instead of this working tree")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
@@ -299,7 +310,10 @@ def main(argv=None) -> int:
     variants: dict[str, pathlib.Path | None] = {}
     if args.before:
         variants[f"before ({args.before})"] = worktree(args.before)
-    variants["after" if args.before else "tree"] = None
+    if args.before and args.after:
+        variants[f"after ({args.after})"] = worktree(args.after)
+    else:
+        variants["after" if args.before else "tree"] = None
     result = {"threads": spec["threads"], "machine": probe.machine_info(), "model": args.models, "dtype": dtype,
               "kernel": args.kernel, "context": args.context, "steps": args.steps, "rounds": args.rounds,
               "decode_kv": args.decode_kv, "loadavg_end": None}
