@@ -55,7 +55,12 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in fp32, scale in the activation dtype: the reference's rounding order (torch's
         # fused rms_norm gives the bits of x * rsqrt(mean(x^2) + eps) in one op instead of five)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        x32 = x.float()
+        if torch.jit.is_tracing():  # the ONNX exporter has no aten::rms_norm: the same math in its five ops
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            normed = F.rms_norm(x32, (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
