@@ -57,6 +57,7 @@ def loop_worker(spec: dict, res: dict) -> None:
     import qvl
 
     engines = {caches: qvl.load(spec["ckpt"], dtype="bfloat16", max_seq_len=spec["max_seq_len"], max_batch=1,
+                                quant_kernel=spec.get("quant_kernel", "auto"),
                                 **({} if caches else {"prefix_cache_mb": 0, "vision_cache_mb": 0}))
                for caches in (True, False)}
     on, off = engines[True], engines[False]
@@ -94,8 +95,9 @@ def render(result: dict) -> str:
     runs = {k: {"frames": v} for k, v in result["run"].get("runs", {}).items()}
     if "error" in result["run"]:
         runs = {"all": result["run"]}
-    lines = [f"# Robot loops and chats: the prefix and vision caches ({result['config']} {result['scheme']}, "
-             f"{result['device']})", "",
+    kernel = result.get("quant_kernel", "auto")
+    lines = [f"# Robot loops and chats: the prefix and vision caches ({result['config']} {result['scheme']}"
+             f"{'' if kernel == 'auto' else ' ' + kernel}, {result['device']})", "",
              f"{probe.cpu_model()}, {result['threads']} threads. Loop: {result['frames']} frames of "
              f"{result['side']}x{result['side']} under ~{result['instruction_tokens']} tokens of instructions; "
              f"chat: {result['turns']} turns re-sending the history, one picture in turn 0. {NEW_TOKENS} new tokens "
@@ -137,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--instruction-tokens", type=int, default=500)
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--quant-kernel", default="auto",
+                    help="quant_kernel of the quantized schemes (qvl-a8: prefills of up to 64 new tokens run in "
+                         "the kernel instead of dequantizing every weight)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     harness.setup()
@@ -147,12 +152,13 @@ def main(argv=None) -> int:
     ckpt = base if kind is None else ensure_quantized(base, kind, 128 if args.config == "qwen2vl-2b" else 32)
     probe.warm_page_cache(ckpt)
     spec = {"ckpt": str(ckpt), "max_seq_len": args.max_seq_len, "side": args.side, "frames": args.frames,
-            "turns": args.turns, "instruction_tokens": args.instruction_tokens}
+            "turns": args.turns, "instruction_tokens": args.instruction_tokens, "quant_kernel": args.quant_kernel}
     result = {"config": args.config, "scheme": args.scheme, "device": "cpu", "threads": probe.usable_cores(),
               "machine": probe.machine_info(), **{k: v for k, v in spec.items() if k != "ckpt"}}
     result["run"] = harness.run(loop_worker, spec, timeout=args.timeout, label="loops")
     md = render(result)
-    report.write_outputs(result, md, pathlib.Path(args.out), f"loops-{args.config}-{args.scheme}")
+    stem = f"loops-{args.config}-{args.scheme}" + ("" if args.quant_kernel == "auto" else f"-{args.quant_kernel}")
+    report.write_outputs(result, md, pathlib.Path(args.out), stem)
     print(md)
     return 0 if "error" not in result["run"] else 1
 
