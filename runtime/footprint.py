@@ -10,7 +10,8 @@ The vision tower's activation peak is a measured model: per patch of one tower c
 ``VISION_UNITS * embed_dim * s`` bytes (s the tower's element size, bf16 and fp32 alike), plus
 ``VISION_FIXED``. Attention is block-diagonal per image / frame pair and runs fused (no [N, N]
 scores), so the peak is linear in the call's patches; the block MLP runs over chunks of patches
-(``qvl.model.vision.MLP_CHUNK_BYTES``), so its [N, 4E] temporaries are a fixed part, not per patch. The figures were fitted with ``python -m qvl.bench.memory --fit``
+(``qvl.model.vision.MLP_CHUNK_BYTES``), so its [N, 4E] temporaries are a fixed part, not per
+patch. The figures were fitted with ``python -m qvl.bench.memory --fit``
 (bench/results/memory.md) with glibc's mmap threshold pinned (``plan.pin_allocator``).
 """
 

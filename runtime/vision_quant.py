@@ -11,7 +11,8 @@ so a tower variant (Qwen2.5-VL's) needs nothing here.
 A forward of many rows (the tower runs hundreds to thousands of patches a call) dequantizes the
 layer's weight to the activation dtype and runs torch's dense GEMM, a block of output channels at a
 time (:class:`VisionInt8Linear`, at most ``DEQUANT_BLOCK_BYTES`` of float weight alive): the
-merger's 5120 x 5120 would be 52 MB in bf16 whole, more than the rest of the call; up to ``qvl.quant.cpu.GEMV_MAX_M`` rows run qvl's int8 GEMV. On
+merger's 5120 x 5120 would be 52 MB in bf16 whole, more than the rest of the call. Up to
+``qvl.quant.cpu.GEMV_MAX_M`` rows run qvl's int8 GEMV. On
 the CPU torch's ``_weight_int8pack_mm`` was 5-7x slower than that at 1024 rows in bf16 and
 ~100x in fp32 (figures: bench/results/int8_memory.md).
 
@@ -73,9 +74,9 @@ def block_rows(out_features: int, in_features: int, element_size: int) -> int:
 class VisionInt8Linear(Int8Linear):
     """An ``Int8Linear`` whose many-row forward dequantizes a block of output channels at a time
     (:func:`block_rows`) into one preallocated output, so the transient is one block of float weight,
-    not the layer's. Each output column is the same dot product as with the whole weight (torch's
-    ``addmm`` over the same rows of x and the same column of W, bias added the same way), so the
-    result equals the whole-weight computation (tests/test_int8_memory.py checks bf16 and fp32)."""
+    not the layer's. In fp32 the result equals the whole-weight computation bit for bit; in bf16 it
+    is within one bf16 rounding of the largest output, since oneDNN's bf16 GEMM sums K in an order
+    that depends on N (tests/test_int8_memory.py checks both)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
