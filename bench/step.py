@@ -111,10 +111,13 @@ def _categories(model, runner):
     for m in [model.norm, model.rope, *model.layers.modules()]:
         cat = next((c for t, c in kinds if isinstance(m, t)), None)
         if cat is not None:
-            out.append((m, "forward", cat))
+            out += [(m, name, cat) for name in ("forward", "decode") if hasattr(m, name)]
         if isinstance(m, Attention) and m.kv_cache is not None:
             out.append((m.kv_cache, "update", "kv_cache"))
         out += [(m, name, "linears") for name in _fused_names(m)]
+    ops = getattr(model, "decode_ops", None)  # the fused C calls (qvl.quant.decode_ops), where loaded
+    if ops is not None:
+        out += [(ops, "rms_norm", "norm"), (ops, "silu_mul", "mlp_act"), (ops, "attention", "attention")]
     return out
 
 
@@ -267,9 +270,10 @@ def render(result: dict) -> str:
     lines += report.table(["code", "batch", "step ms", "linears ms", "head ms", "overhead ms", "overhead share",
                            "noop step ms", "timed step ms"], rows, "llrrrrrrr")
     lines += ["", "The overhead by part (the timed step, each part without the calls inside it; ms/step): norm = "
-              "RMSNorm, rope_tables = the cos/sin of the step's positions, attention = q/k/v reshapes + rotary + "
-              "output reshape, sdpa = scaled_dot_product_attention, kv_cache = the KV write and read, mlp_act = "
-              "silu x up, residual = the layers' adds, embed = the token embedding, model = the layer loop and "
+              "RMSNorm (with the residual add before it, in the fused C code), rope_tables = the cos/sin of the "
+              "step's positions, attention = q/k/v reshapes + rotary + output reshape (in the fused C code also the "
+              "KV write and the attention itself), sdpa = scaled_dot_product_attention, kv_cache = the KV write and "
+              "read, mlp_act = silu x up, residual = the layers' adds, embed = the token embedding, model = the layer loop and "
               "the last position, runner = the step's inputs (tokens, positions, mask), other = argmax and what "
               "no wrapper covers.", ""]
     rows = []

@@ -6,6 +6,10 @@ the linears' type can run several as one kernel call (``type(linear).fuse``: qvl
 kernels, whose layouts are repacked at load anyway), :meth:`DecoderLayer.fuse_linears` joins q/k/v
 and gate/up: a kernel call has a fixed cost (the thread fork, the activation pass) that the small
 k and v products pay again in full.
+
+Each module's ``decode`` is its ``forward`` for a one-token step with the small operations (the
+norms and the residual adds they fold in, rotary + KV write + attention, SiLU x up) handed to an
+``ops`` object, qvl.quant.decode_ops' fused C calls on the CPU; ``forward`` is the reference.
 """
 
 from __future__ import annotations
@@ -104,6 +108,15 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, self.q_dim))
 
+    def decode(self, x, cos, sin, mask, input_pos, row, ops):
+        """:meth:`forward` for one token a row (``input_pos`` [B, 1]), through ``ops.attention``."""
+        if self.wqkv is not None:
+            qkv = self.wqkv(x)
+        else:
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        out = ops.attention(qkv, self.n_heads, self.n_kv, self.head_dim, cos, sin, self.kv_cache, input_pos, mask, row)
+        return self.o_proj(out)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -127,6 +140,14 @@ class MLP(nn.Module):
             return self.down_proj(F.silu(gate_up[..., :n]) * gate_up[..., n:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def decode(self, x, ops):
+        """:meth:`forward` with SiLU x up as one ``ops.silu_mul`` call."""
+        if self.w_gate_up is not None:
+            gate_up = self.w_gate_up(x)
+            n = gate_up.shape[-1] // 2
+            return self.down_proj(ops.silu_mul(gate_up[..., :n], gate_up[..., n:]))
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -144,3 +165,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos, kv_len, row: int = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, row)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, residual, cos, sin, mask, input_pos, row, ops):
+        """:meth:`forward` for one token a row through ``ops`` (see ``Qwen2VL.decode_ops``).
+
+        ``x`` is what the previous layer added (its MLP output; the embeddings at the first layer)
+        and ``residual`` the stream it adds to (None at the first layer). Returns this layer's
+        (MLP output, stream before it): each add is done by the norm that reads its sum.
+        """
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h, residual = ops.rms_norm(x, norm1.weight, norm1.eps, residual)
+        a = self.self_attn.decode(h, cos, sin, mask, input_pos, row, ops)
+        h, residual = ops.rms_norm(a, norm2.weight, norm2.eps, residual)
+        return self.mlp.decode(h, ops), residual

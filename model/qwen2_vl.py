@@ -30,6 +30,9 @@ class Qwen2VL(nn.Module):
         self.lm_head = Linear(t.hidden_size, t.vocab_size, bias=False)
         self.rope = MRope(t.head_dim, t.rope_theta, t.mrope_section)
         self.max_batch = self.max_seq = 0
+        # the one-token step's norms, attention and SiLU x up as fused calls (qvl.quant.decode_ops'
+        # CpuDecodeOps, set by the loader on the CPU); None: the layers' torch code
+        self.decode_ops = None
 
     def init_buffers(self, device=None):
         """(Re)build the computed rotary tables, e.g. after construction on the meta device."""
@@ -54,10 +57,18 @@ class Qwen2VL(nn.Module):
 
         ``mask`` [B, 1, T, kv_len] bool (True = attend) or None for a causal prefill that
         starts at position 0. Keys beyond ``kv_len`` (default: the whole cache) are not read.
-        Returns the final-normed hidden states [B, T, D].
+        Returns the final-normed hidden states [B, T, D]. A decode step (T = 1, ``input_pos`` [B, 1],
+        a mask) runs the layers' ``decode`` through :attr:`decode_ops` where it supports the inputs.
         """
         kv_len = self.max_seq if kv_len is None else kv_len
         cos, sin = self.rope(positions, embeds.dtype)
+        ops = self.decode_ops
+        if (ops is not None and input_pos.dim() == 2 and mask is not None and embeds.shape[1] == 1
+                and ops.supports(embeds, self.norm.weight, self.layers[0].self_attn.kv_cache)):
+            x, residual = embeds, None
+            for layer in self.layers:
+                x, residual = layer.decode(x, residual, cos, sin, mask, input_pos, row, ops)
+            return ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, kv_len, row)

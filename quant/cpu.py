@@ -13,7 +13,7 @@ the 8-bit-activation kernel) and ``avx2`` (AVX2 + FMA, compiled with ``-mavx2 -m
 x86 CPUs without AVX-512). The CPU's flags in /proc/cpuinfo pick the first that runs here;
 ``QVL_CPU_ISA=avx2`` (or ``avx512``, ``avxvnni``) forces one, e.g. to check the AVX2 build on an
 AVX-512 machine. Each variant is compiled with the system C compiler (``$CC``, else ``cc``)
-into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the variant, source,
+into ``$QVL_KERNEL_CACHE`` (default ``~/.cache/qvl/kernels``), keyed by the variant, sources,
 compiler and CPU, atomically (temp file, then rename). No compiler, neither
 ISA, a failed self-check, or ``QVL_CPU_KERNEL=0``: :func:`unavailable` says why and the linears
 use torch's kernels instead.
@@ -39,7 +39,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("qgemv.c")
+# one library: the quantized products, and the decode step's small operations (qvl.quant.decode_ops)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("qgemv.c", "ops.c"))
 # rows of x up to which the GEMV (its weights re-read from cache for each row) is used; dequantize +
 # GEMM breaks even at 12-16 rows on a 2B MLP matrix (2 cores), so 8 keeps to the safe side
 GEMV_MAX_M = 8
@@ -105,7 +106,8 @@ def _build(variant: str, extra_flags: tuple[str, ...] = ()) -> Path:
         raise RuntimeError("no C compiler (cc / gcc / $CC) to build it")
     flags = ["-O3", *VARIANTS[variant][1], *extra_flags, "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([variant, SOURCE.read_text(), cc, version, *flags, platform.machine(),
+    texts = [src.read_text() for src in SOURCES]
+    key = hashlib.sha256("\n".join([variant, *texts, cc, version, *flags, platform.machine(),
                                     *sorted(set(_cpu_id()))]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"qgemv-{variant}-{key}.so"
     if out.exists():
@@ -115,7 +117,7 @@ def _build(variant: str, extra_flags: tuple[str, ...] = ()) -> Path:
     os.close(fd)
     try:
         log.info("building qvl's %s CPU kernel with %s (once, cached in %s)", variant, cc, out.parent)
-        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp, out)
@@ -146,6 +148,10 @@ def open_variant(variant: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL
     lib.qvl_a8_gemm.argtypes = [i, p, i, i, i, p, p, p, i, i, i, p, p, i, i]
     lib.qvl_a8_dequant_t.argtypes = [i, p, p, p, i, i, i, p, i, i]
     lib.qvl_a8_quantize.argtypes = [p, i, i, i, i, p, p, p]
+    f, l = ctypes.c_float, ctypes.c_long
+    lib.qvl_rms_norm.argtypes = [p, p, p, p, i, i, i, f, p]
+    lib.qvl_silu_mul.argtypes = [p, p, l, i, i, i, p]
+    lib.qvl_decode_attention.argtypes = [p, p, p, l, i, i, i, i, i, p, p, p, p, p, p, i, i, p, p, i, f, p, i]
     err = _self_check(lib) or _self_check_a8(lib)
     if err:
         raise RuntimeError(f"qvl's {variant} CPU kernel {err}")
@@ -177,6 +183,13 @@ def isa() -> str | None:
     if not _loaded:
         _load()
     return _isa
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (builds it on the first call), or None where it cannot run (see :func:`unavailable`)."""
+    if not _loaded:
+        _load()
+    return _lib
 
 
 def unavailable() -> str | None:

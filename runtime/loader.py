@@ -15,6 +15,7 @@ import torch
 
 from qvl.model.config import ConfigError, Qwen2VLConfig, read_json_object
 from qvl.model.qwen2_vl import Qwen2VL
+from qvl.quant import decode_ops
 from qvl.quant.config import QuantConfig
 from qvl.runtime.quantized import QuantizedLinears
 from qvl.runtime.vision_quant import VisionQuantizer
@@ -164,5 +165,6 @@ def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_k
     model.init_buffers(device)
     for layer in model.layers:  # after the quantized build: one kernel call for q/k/v and for gate/up
         layer.fuse_linears()
+    model.decode_ops = decode_ops.for_device(device)
     log.info("loaded %s: %d tensors, %s on %s", path, len(state), dtype, device)
     return model.eval()

@@ -1,0 +1,115 @@
+"""The decode step's small operations in C (``ops.c``, built into :mod:`qvl.quant.cpu`'s library).
+
+:class:`CpuDecodeOps` is what ``Qwen2VL.decode_ops`` takes (set by the loader on the CPU): for a
+one-token step, each layer's two RMSNorms (with the residual add folded into the next norm),
+its attention (rotary, KV-cache write, attention over the slot's keys) and its SiLU x up become
+one call each instead of ~35 torch operator calls. Their rounding follows the torch code they
+replace (see ops.c); attention agrees with torch's SDPA to bf16 rounding (tests/test_decode_ops.py).
+
+``QVL_DECODE_OPS=torch`` keeps the torch code, e.g. to compare the two; where the library is not
+available (``QVL_CPU_KERNEL=0``, no C compiler) the torch code runs too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from qvl.quant import cpu
+
+ENV = "QVL_DECODE_OPS"
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., D] as a contiguous [M, D]."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+class CpuDecodeOps:
+    """RMSNorm, SiLU x up and one-token attention for fp32 / bf16 activations on the CPU."""
+
+    def __init__(self, lib=None):
+        self.lib = lib or cpu.library()
+        if self.lib is None:
+            raise RuntimeError(f"qvl's CPU library is not available: {cpu.unavailable()}")
+
+    def supports(self, x: torch.Tensor, norm_weight: torch.Tensor, cache) -> bool:
+        """Whether a step on activations ``x`` can run here (else the model keeps its torch code)."""
+        return (x.device.type == "cpu" and x.dtype in DTYPES and norm_weight.dtype == x.dtype
+                and cache is not None and cache.k.dtype in (x.dtype, torch.int8))
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(s) * weight, s) for s = x + residual (x where residual is None)."""
+        xs = _rows(x)
+        y = torch.empty_like(xs)
+        if residual is None:
+            s, s_ptr, r_ptr = x, None, None
+        else:
+            rs = _rows(residual)
+            s = torch.empty_like(xs)
+            s_ptr, r_ptr = s.data_ptr(), rs.data_ptr()
+        rc = self.lib.qvl_rms_norm(xs.data_ptr(), r_ptr, s_ptr, weight.data_ptr(), x.dtype == torch.bfloat16,
+                                   xs.shape[0], xs.shape[1], eps, y.data_ptr())
+        if rc:
+            raise RuntimeError(f"qvl_rms_norm failed ({rc}) on x {list(x.shape)}")
+        return y.view(x.shape), s.view(x.shape)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up; gate and up [..., I], e.g. the two halves of one gate/up product."""
+        n = gate.shape[-1]
+        g, u = gate.reshape(-1, n), up.reshape(-1, n)
+        if g.stride(1) != 1 or u.stride(1) != 1 or g.stride(0) != u.stride(0):
+            g, u = g.contiguous(), u.contiguous()
+        y = torch.empty(g.shape, dtype=gate.dtype)
+        rc = self.lib.qvl_silu_mul(g.data_ptr(), u.data_ptr(), g.stride(0), gate.dtype == torch.bfloat16,
+                                   g.shape[0], n, y.data_ptr())
+        if rc:
+            raise RuntimeError(f"qvl_silu_mul failed ({rc}) on gate {list(gate.shape)}")
+        return y.view(gate.shape)
+
+    def attention(self, qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos: torch.Tensor,
+                  sin: torch.Tensor, cache, input_pos: torch.Tensor, mask: torch.Tensor, row: int) -> torch.Tensor:
+        """One token a row: qkv [B, 1, (H + 2 Hkv) Dh] (q heads, then k, then v), the rotary tables
+        [B, 1, 1, Dh], the layer's :class:`~qvl.model.kv_cache.KVCache` (rows ``row..row+B-1``),
+        write positions [B, 1], mask [B, 1, 1, L] (True = attend) -> [B, 1, H Dh]."""
+        bsz = qkv.shape[0]
+        if row < 0 or row + bsz > cache.k.shape[0]:
+            raise ValueError(f"cache rows {row}..{row + bsz - 1} outside the cache's {cache.k.shape[0]} slots")
+        rows = _rows(qkv)
+        el = rows.element_size()
+        q_ptr = rows.data_ptr()
+        k_ptr = q_ptr + n_heads * head_dim * el
+        v_ptr = k_ptr + n_kv * head_dim * el
+        length = mask.shape[-1]
+        m = mask.reshape(bsz, length).contiguous()
+        pos = input_pos.reshape(bsz).contiguous()
+        cos, sin = _rows(cos), _rows(sin)
+        out = torch.empty(bsz, n_heads * head_dim, dtype=qkv.dtype)
+        rc = self.lib.qvl_decode_attention(
+            q_ptr, k_ptr, v_ptr, rows.stride(0), qkv.dtype == torch.bfloat16, bsz, n_heads, n_kv, head_dim,
+            cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), _ptr(cache.k_scale),
+            _ptr(cache.v_scale), cache.k.shape[2], row, pos.data_ptr(), m.data_ptr(), length,
+            1.0 / math.sqrt(head_dim), out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"qvl_decode_attention failed ({rc}) on qkv {list(qkv.shape)}, {length} keys, "
+                               f"rows {row}..{row + bsz - 1} of {cache.k.shape[0]}")
+        return out.view(bsz, 1, -1)
+
+
+def for_device(device) -> CpuDecodeOps | None:
+    """The ops for a model on ``device``: the C ones on the CPU where qvl's library builds, else
+    None (the model's torch code); ``QVL_DECODE_OPS=torch`` gives None everywhere."""
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"{ENV}={choice!r}: use 'auto' or 'torch'")
+    if choice == "torch" or torch.device(device).type != "cpu" or cpu.library() is None:
+        return None
+    return CpuDecodeOps()

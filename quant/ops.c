@@ -1,0 +1,295 @@
+/* The decode step's small operations as one call each (qvl.quant.decode_ops): RMSNorm with the
+ * residual add before it, SiLU(gate) x up, and attention for one new token per row with its
+ * rotary, its KV-cache write and the read of every cached key.
+ *
+ * Why this file exists: a one-token decode step of a 2B model spends ~1 ms a layer outside its
+ * matrix products, in ~35 torch operator calls on vectors of 1536-8960 values, each paying
+ * dispatch and a pass over memory (bench/results/step.md). llama.cpp's ggml does these in C inside
+ * its graph; torch would need torch.compile (a C++ toolchain and minutes of compilation at every
+ * load) to fuse them. Here each is one C loop over the data, called through ctypes.
+ *
+ * Rounding: every function reproduces the rounding points of the torch code it replaces
+ * (qvl.model.decoder), so only the order of fp32 sums and the exp approximation differ:
+ *   rms_norm:  s = dt(x + r); y = dt(w * dt(s * rsqrt(mean(s^2) + eps)))
+ *   silu_mul:  y = dt(dt(g / (1 + exp(-g))) * u)
+ *   rotary:    y = dt(dt(x * cos) + dt(swap_halves(x) * sin_signed))
+ * where dt() rounds to the activation dtype (bf16: nearest even; fp32: nothing). Attention keeps
+ * its scores, softmax and weighted sum in fp32 and rounds the output once; torch's SDPA rounds
+ * the probabilities to bf16 before multiplying by V, so the two agree to bf16 rounding, not bits.
+ * An int8 cache row (one fp16 scale per head and position, qvl.model.kv_cache) is written with
+ * quantize_rows' rounding and read as dt(q * s), as dequantize_rows reads it.
+ *
+ * Plain C written for the compiler's vectoriser (no reduction relies on -ffast-math: dot products
+ * run in 16 independent lanes), so the same file serves the AVX-512 and AVX2 builds of qgemv.c's library.
+ */
+#pragma GCC optimize("fp-contract=off") /* a*b + c*d must round as the torch ops do, not as one FMA */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+
+static inline float bf(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf(float f) { /* nearest even, NaN kept quiet: torch's rounding */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* the value of element i of a bf16 (is_bf16) or fp32 vector */
+static inline float ld(const void *p, int is_bf16, size_t i) {
+    return is_bf16 ? bf(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* f rounded to the activation dtype, as a float */
+static inline float rnd(float f, int is_bf16) { return is_bf16 ? bf(to_bf(f)) : f; }
+
+static inline void st(void *p, int is_bf16, size_t i, float f) {
+    if (is_bf16)
+        ((uint16_t *)p)[i] = to_bf(f);
+    else
+        ((float *)p)[i] = f;
+}
+
+/* exp(x) for the softmax and SiLU: Cody-Waite reduction to |r| <= ln2/2 and a degree-6
+ * polynomial, within 2 ulp of expf over [-87, 88] (below: e^-87; above 88.72: inf); branch-free
+ * so loops over it vectorise */
+static inline float qexp(float x) {
+    float big = x > 88.72f ? INFINITY : 1.f; /* past expf's range: inf, as expf gives */
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    float n = nearbyintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return p * s * big;
+}
+
+/* sum of a[i] * b[i], i < n, in LANES independent fp32 sums (the compiler's vectors), then the tail */
+static inline float dot(const float *a, const float *b, int n) {
+    float lanes[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) lanes[l] += a[i + l] * b[i + l];
+    float s = 0.f;
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int l = 0; l < LANES; l++) s += lanes[l];
+    return s;
+}
+
+/* y [M, D] = RMSNorm(s) * w with s = x + r where r is given (written to s_out, which may be r),
+ * else s = x. x, r, s_out, y in the activation dtype; w in it too (the model's parameter). */
+int qvl_rms_norm(const void *x, const void *r, void *s_out, const void *w, int is_bf16, int M, int D,
+                 float eps, void *y) {
+    if (M <= 0 || D <= 0) return -1;
+    float *s = (float *)malloc(sizeof(float) * (size_t)D);
+    if (!s) return -2;
+    for (int m = 0; m < M; m++) {
+        size_t o = (size_t)m * D;
+        for (int d = 0; d < D; d++) {
+            float v = ld(x, is_bf16, o + d);
+            s[d] = r ? rnd(v + ld(r, is_bf16, o + d), is_bf16) : v;
+        }
+        float ss = dot(s, s, D);
+        float inv = 1.f / sqrtf(ss / (float)D + eps);
+        if (r)
+            for (int d = 0; d < D; d++) st(s_out, is_bf16, o + d, s[d]);
+        for (int d = 0; d < D; d++) st(y, is_bf16, o + d, ld(w, is_bf16, d) * rnd(s[d] * inv, is_bf16));
+    }
+    free(s);
+    return 0;
+}
+
+/* y [M, I] = SiLU(g) * u; row m of g and of u start at m * stride elements */
+int qvl_silu_mul(const void *g, const void *u, long stride, int is_bf16, int M, int I, void *y) {
+    if (M <= 0 || I <= 0) return -1;
+    for (int m = 0; m < M; m++) {
+        size_t o = (size_t)m * stride, oy = (size_t)m * I;
+        for (int i = 0; i < I; i++) {
+            float gv = ld(g, is_bf16, o + i);
+            float sv = rnd(gv / (1.f + qexp(-gv)), is_bf16);
+            st(y, is_bf16, oy + i, sv * ld(u, is_bf16, o + i));
+        }
+    }
+    return 0;
+}
+
+/* fp16 bits -> float, and float -> fp16 bits (nearest even), without F16C so the AVX2 build runs */
+static inline float half_f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f; /* 2^-24 */
+        return sign ? -f : f;
+    }
+    u = sign | ((e == 31 ? 255 : e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f_half(float f) { /* f finite, positive, within [2^-24, 65504] */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    int e = (int)((u >> 23) & 0xff) - 127;
+    if (e < -14) { /* subnormal half: units of 2^-24, nearest even */
+        float q = nearbyintf(f * 16777216.f);
+        return (uint16_t)q;
+    }
+    uint32_t m = u & 0x7fffff, keep = m >> 13, rest = m & 0x1fff;
+    uint32_t h = ((uint32_t)(e + 15) << 10) | keep;
+    if (rest > 0x1000 || (rest == 0x1000 && (keep & 1))) h++; /* may carry into the exponent: right */
+    return (uint16_t)h;
+}
+
+/* One row of D values into an int8 cache row: quantize_rows' symmetric rounding against the
+ * fp16 scale that is stored (scale = clamp(max|x| / 127, 2^-24, 65504)) */
+static void put_q8(const float *x, int D, int8_t *q, uint16_t *scale) {
+    float amax = 0.f;
+    for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(x[d]));
+    float s = amax / 127.f;
+    s = s < 5.9604644775390625e-8f ? 5.9604644775390625e-8f : (s > 65504.f ? 65504.f : s);
+    uint16_t h = f_half(s);
+    float sf = half_f(h);
+    for (int d = 0; d < D; d++) {
+        float v = nearbyintf(x[d] / sf);
+        q[d] = (int8_t)(v > 127.f ? 127.f : (v < -127.f ? -127.f : v));
+    }
+    *scale = h;
+}
+
+/* One decode token per row b of B: rotary on its q and k heads, k and v written into cache row
+ * row0 + b at write_pos[b], then attention of each q head over the keys j < L of that row where
+ * mask[b, j], grouped heads sharing their kv head. q/k/v row b starts at b * stride elements
+ * (the fused q/k/v output, or three tensors). cos/sin_signed [B, Dh] as qvl.model.rope builds
+ * them. Caches [slots, Hkv, S, Dh]: the activation dtype, or int8 codes with fp16 scales
+ * [slots, Hkv, S] (k_scale/v_scale non-NULL). out [B, H * Dh] in the activation dtype. */
+int qvl_decode_attention(const void *q, const void *k, const void *v, long stride, int is_bf16, int B, int H,
+                         int Hkv, int Dh, const void *cos, const void *sin, void *k_cache, void *v_cache,
+                         uint16_t *k_scale, uint16_t *v_scale, int S, int row0, const int64_t *write_pos,
+                         const uint8_t *mask, int L, float scale, void *out, int threads) {
+    if (B <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || Dh % 2 || L <= 0 || L > S) return -1;
+    for (int b = 0; b < B; b++)
+        if (write_pos[b] < 0 || write_pos[b] >= S) return -2;
+    const int half = Dh / 2, group = H / Hkv, q8 = k_scale != NULL;
+    /* the step's roped queries, in fp32 (their values are the dtype's) */
+    float *qr = (float *)malloc(sizeof(float) * (size_t)B * H * Dh);
+    if (!qr) return -3;
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)Dh * 2);
+    if (!tmp) {
+        free(qr);
+        return -3;
+    }
+    for (int b = 0; b < B; b++) {
+        size_t o = (size_t)b * stride, oc = (size_t)b * Dh;
+        for (int h = 0; h < H + Hkv; h++) { /* H query heads, then Hkv key heads */
+            const void *src = h < H ? q : k;
+            size_t base = o + (size_t)(h < H ? h : h - H) * Dh;
+            float *dst = h < H ? qr + ((size_t)b * H + h) * Dh : tmp;
+            for (int d = 0; d < Dh; d++) {
+                float x = ld(src, is_bf16, base + d);
+                float sw = ld(src, is_bf16, base + (d < half ? d + half : d - half));
+                float a = rnd(x * ld(cos, is_bf16, oc + d), is_bf16);
+                float c = rnd(sw * ld(sin, is_bf16, oc + d), is_bf16);
+                dst[d] = rnd(a + c, is_bf16);
+            }
+            if (h < H) continue;
+            int hk = h - H;
+            size_t at = (((size_t)(row0 + b) * Hkv + hk) * S + (size_t)write_pos[b]);
+            size_t vb = o + (size_t)hk * Dh;
+            for (int d = 0; d < Dh; d++) tmp[Dh + d] = ld(v, is_bf16, vb + d);
+            if (q8) {
+                put_q8(tmp, Dh, (int8_t *)k_cache + at * Dh, k_scale + at);
+                put_q8(tmp + Dh, Dh, (int8_t *)v_cache + at * Dh, v_scale + at);
+            } else {
+                for (int d = 0; d < Dh; d++) {
+                    st(k_cache, is_bf16, at * Dh + d, tmp[d]);
+                    st(v_cache, is_bf16, at * Dh + d, tmp[Dh + d]);
+                }
+            }
+        }
+    }
+    free(tmp);
+    int fail = 0;
+    /* one (row, kv head) a task: its group of query heads reads each key and value row once */
+    const int tasks = B * Hkv;
+    const long work = (long)tasks * group * L * Dh;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && work > (1L << 18))
+    for (int t = 0; t < tasks; t++) {
+        int b = t / Hkv, hk = t % Hkv;
+        size_t base = ((size_t)(row0 + b) * Hkv + hk) * S;
+        const uint8_t *mrow = mask + (size_t)b * L;
+        float *p = (float *)malloc(sizeof(float) * ((size_t)group * L + (size_t)group * Dh + Dh));
+        if (!p) {
+            fail = 1;
+            continue;
+        }
+        float *acc = p + (size_t)group * L, *row = acc + (size_t)group * Dh;
+        for (int j = 0; j < L; j++) {
+            if (!mrow[j]) continue;
+            size_t at = base + (size_t)j;
+            if (q8) {
+                float s = half_f(k_scale[at]);
+                const int8_t *c = (const int8_t *)k_cache + at * Dh;
+                for (int d = 0; d < Dh; d++) row[d] = rnd((float)c[d] * s, is_bf16);
+            } else {
+                for (int d = 0; d < Dh; d++) row[d] = ld(k_cache, is_bf16, at * Dh + d);
+            }
+            for (int g = 0; g < group; g++) {
+                const float *qv = qr + ((size_t)b * H + (size_t)hk * group + g) * Dh;
+                p[(size_t)g * L + j] = dot(qv, row, Dh) * scale;
+            }
+        }
+        for (int g = 0; g < group; g++) {
+            float *pg = p + (size_t)g * L, mx = -INFINITY, sum = 0.f;
+            for (int j = 0; j < L; j++)
+                if (mrow[j] && pg[j] > mx) mx = pg[j];
+            for (int j = 0; j < L; j++) {
+                pg[j] = mrow[j] ? qexp(pg[j] - mx) : 0.f;
+                sum += pg[j];
+            }
+            float inv = sum > 0.f ? 1.f / sum : 0.f; /* no key at all: zeros, not NaN */
+            for (int j = 0; j < L; j++) pg[j] *= inv;
+        }
+        memset(acc, 0, sizeof(float) * (size_t)group * Dh);
+        for (int j = 0; j < L; j++) {
+            if (!mrow[j]) continue;
+            size_t at = base + (size_t)j;
+            if (q8) {
+                float s = half_f(v_scale[at]);
+                const int8_t *c = (const int8_t *)v_cache + at * Dh;
+                for (int d = 0; d < Dh; d++) row[d] = rnd((float)c[d] * s, is_bf16);
+            } else {
+                for (int d = 0; d < Dh; d++) row[d] = ld(v_cache, is_bf16, at * Dh + d);
+            }
+            for (int g = 0; g < group; g++) {
+                float pj = p[(size_t)g * L + j], *a = acc + (size_t)g * Dh;
+                for (int d = 0; d < Dh; d++) a[d] += pj * row[d];
+            }
+        }
+        for (int g = 0; g < group; g++) {
+            size_t oo = ((size_t)b * H + (size_t)hk * group + g) * Dh;
+            for (int d = 0; d < Dh; d++) st(out, is_bf16, oo + d, acc[(size_t)g * Dh + d]);
+        }
+        free(p);
+    }
+    free(qr);
+    return fail ? -3 : 0;
+}
