@@ -12,7 +12,6 @@ available (``QVL_CPU_KERNEL=0``, no C compiler) the torch code runs too.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -25,11 +24,6 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t [..., D] as a contiguous [M, D]."""
-    return t.reshape(-1, t.shape[-1]).contiguous()
 
 
 class CpuDecodeOps:
@@ -48,19 +42,19 @@ class CpuDecodeOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(s) * weight, s) for s = x + residual (x where residual is None)."""
-        xs = _rows(x)
-        y = torch.empty_like(xs)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        d = x.shape[-1]
         if residual is None:
             s, s_ptr, r_ptr = x, None, None
         else:
-            rs = _rows(residual)
-            s = torch.empty_like(xs)
-            s_ptr, r_ptr = s.data_ptr(), rs.data_ptr()
-        rc = self.lib.qvl_rms_norm(xs.data_ptr(), r_ptr, s_ptr, weight.data_ptr(), x.dtype == torch.bfloat16,
-                                   xs.shape[0], xs.shape[1], eps, y.data_ptr())
+            s = torch.empty_like(x)
+            s_ptr, r_ptr = s.data_ptr(), residual.contiguous().data_ptr()
+        rc = self.lib.qvl_rms_norm(x.data_ptr(), r_ptr, s_ptr, weight.data_ptr(), x.dtype is torch.bfloat16,
+                                   x.numel() // d, d, eps, y.data_ptr())
         if rc:
             raise RuntimeError(f"qvl_rms_norm failed ({rc}) on x {list(x.shape)}")
-        return y.view(x.shape), s.view(x.shape)
+        return y, s
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up; gate and up [..., I], e.g. the two halves of one gate/up product."""
@@ -68,40 +62,37 @@ class CpuDecodeOps:
         g, u = gate.reshape(-1, n), up.reshape(-1, n)
         if g.stride(1) != 1 or u.stride(1) != 1 or g.stride(0) != u.stride(0):
             g, u = g.contiguous(), u.contiguous()
-        y = torch.empty(g.shape, dtype=gate.dtype)
-        rc = self.lib.qvl_silu_mul(g.data_ptr(), u.data_ptr(), g.stride(0), gate.dtype == torch.bfloat16,
+        y = torch.empty(gate.shape, dtype=gate.dtype)
+        rc = self.lib.qvl_silu_mul(g.data_ptr(), u.data_ptr(), g.stride(0), gate.dtype is torch.bfloat16,
                                    g.shape[0], n, y.data_ptr())
         if rc:
             raise RuntimeError(f"qvl_silu_mul failed ({rc}) on gate {list(gate.shape)}")
-        return y.view(gate.shape)
+        return y
 
     def attention(self, qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos: torch.Tensor,
                   sin: torch.Tensor, cache, input_pos: torch.Tensor, mask: torch.Tensor, row: int) -> torch.Tensor:
         """One token a row: qkv [B, 1, (H + 2 Hkv) Dh] (q heads, then k, then v), the rotary tables
         [B, 1, 1, Dh], the layer's :class:`~qvl.model.kv_cache.KVCache` (rows ``row..row+B-1``),
         write positions [B, 1], mask [B, 1, 1, L] (True = attend) -> [B, 1, H Dh]."""
-        bsz = qkv.shape[0]
-        if row < 0 or row + bsz > cache.k.shape[0]:
-            raise ValueError(f"cache rows {row}..{row + bsz - 1} outside the cache's {cache.k.shape[0]} slots")
-        rows = _rows(qkv)
-        el = rows.element_size()
-        q_ptr = rows.data_ptr()
+        bsz, k_buf = qkv.shape[0], cache.k
+        if row < 0 or row + bsz > k_buf.shape[0]:
+            raise ValueError(f"cache rows {row}..{row + bsz - 1} outside the cache's {k_buf.shape[0]} slots")
+        qkv = qkv.contiguous()
+        el = qkv.element_size()
+        q_ptr = qkv.data_ptr()
         k_ptr = q_ptr + n_heads * head_dim * el
-        v_ptr = k_ptr + n_kv * head_dim * el
         length = mask.shape[-1]
-        m = mask.reshape(bsz, length).contiguous()
-        pos = input_pos.reshape(bsz).contiguous()
-        cos, sin = _rows(cos), _rows(sin)
-        out = torch.empty(bsz, n_heads * head_dim, dtype=qkv.dtype)
+        out = torch.empty(bsz, 1, n_heads * head_dim, dtype=qkv.dtype)
         rc = self.lib.qvl_decode_attention(
-            q_ptr, k_ptr, v_ptr, rows.stride(0), qkv.dtype == torch.bfloat16, bsz, n_heads, n_kv, head_dim,
-            cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), _ptr(cache.k_scale),
-            _ptr(cache.v_scale), cache.k.shape[2], row, pos.data_ptr(), m.data_ptr(), length,
-            1.0 / math.sqrt(head_dim), out.data_ptr(), torch.get_num_threads())
+            q_ptr, k_ptr, k_ptr + n_kv * head_dim * el, qkv.shape[-1], qkv.dtype is torch.bfloat16, bsz, n_heads,
+            n_kv, head_dim, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), k_buf.data_ptr(),
+            cache.v.data_ptr(), _ptr(cache.k_scale), _ptr(cache.v_scale), k_buf.shape[2], row,
+            input_pos.contiguous().data_ptr(), mask.contiguous().data_ptr(), length, head_dim ** -0.5,
+            out.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"qvl_decode_attention failed ({rc}) on qkv {list(qkv.shape)}, {length} keys, "
-                               f"rows {row}..{row + bsz - 1} of {cache.k.shape[0]}")
-        return out.view(bsz, 1, -1)
+                               f"rows {row}..{row + bsz - 1} of {k_buf.shape[0]}")
+        return out
 
 
 def for_device(device) -> CpuDecodeOps | None:

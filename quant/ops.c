@@ -23,6 +23,9 @@
  * run in 16 independent lanes), so the same file serves the AVX-512 and AVX2 builds of qgemv.c's library.
  */
 #pragma GCC optimize("fp-contract=off") /* a*b + c*d must round as the torch ops do, not as one FMA */
+#if defined(__AVX512F__)
+#pragma GCC target("prefer-vector-width=512") /* -march=native on Intel picks 256-bit vectors by default */
+#endif
 
 #include <math.h>
 #include <stdint.h>
@@ -30,6 +33,7 @@
 #include <string.h>
 
 #define LANES 16
+#define ROUND_MAGIC 12582912.f /* 1.5 * 2^23: adding and subtracting it rounds to an integer, nearest even */
 
 static inline float bf(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -38,27 +42,37 @@ static inline float bf(uint16_t b) {
     return f;
 }
 
-static inline uint16_t to_bf(float f) { /* nearest even, NaN kept quiet: torch's rounding */
+static inline uint16_t to_bf(float f) { /* nearest even, NaN kept quiet: torch's rounding; branch-free */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : r);
 }
 
-/* the value of element i of a bf16 (is_bf16) or fp32 vector */
-static inline float ld(const void *p, int is_bf16, size_t i) {
-    return is_bf16 ? bf(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+/* Whole vectors between the activation dtype (bf16 or fp32) and fp32 work buffers: each pass is
+ * one loop the compiler vectorises, which per-element type checks would prevent. */
+static void to_f32(const void *p, int is_bf16, size_t off, int n, float *restrict dst) {
+    if (is_bf16) {
+        const uint16_t *src = (const uint16_t *)p + off;
+        for (int i = 0; i < n; i++) dst[i] = bf(src[i]);
+    } else {
+        memcpy(dst, (const float *)p + off, sizeof(float) * (size_t)n);
+    }
 }
 
-/* f rounded to the activation dtype, as a float */
-static inline float rnd(float f, int is_bf16) { return is_bf16 ? bf(to_bf(f)) : f; }
+static void from_f32(void *p, int is_bf16, size_t off, int n, const float *restrict src) {
+    if (is_bf16) {
+        uint16_t *dst = (uint16_t *)p + off;
+        for (int i = 0; i < n; i++) dst[i] = to_bf(src[i]);
+    } else {
+        memcpy((float *)p + off, src, sizeof(float) * (size_t)n);
+    }
+}
 
-static inline void st(void *p, int is_bf16, size_t i, float f) {
+/* v rounded to the activation dtype in place (nothing for fp32) */
+static void round_dt(float *v, int n, int is_bf16) {
     if (is_bf16)
-        ((uint16_t *)p)[i] = to_bf(f);
-    else
-        ((float *)p)[i] = f;
+        for (int i = 0; i < n; i++) v[i] = bf(to_bf(v[i]));
 }
 
 /* exp(x) for the softmax and SiLU: Cody-Waite reduction to |r| <= ln2/2 and a degree-6
@@ -67,7 +81,7 @@ static inline void st(void *p, int is_bf16, size_t i, float f) {
 static inline float qexp(float x) {
     float big = x > 88.72f ? INFINITY : 1.f; /* past expf's range: inf, as expf gives */
     x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-    float n = nearbyintf(x * 1.44269504088896341f);
+    float n = (x * 1.44269504088896341f + ROUND_MAGIC) - ROUND_MAGIC;
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -83,52 +97,64 @@ static inline float qexp(float x) {
     return p * s * big;
 }
 
-/* sum of a[i] * b[i], i < n, in LANES independent fp32 sums (the compiler's vectors), then the tail */
+/* sum of a[i] * b[i], i < n: LANES independent fp32 sums (the compiler's vectors) folded in halves
+ * (a tree, not a 16-add chain), then the tail */
 static inline float dot(const float *a, const float *b, int n) {
     float lanes[LANES] = {0};
     int i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; l++) lanes[l] += a[i + l] * b[i + l];
-    float s = 0.f;
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
+    float s = lanes[0];
     for (; i < n; i++) s += a[i] * b[i];
-    for (int l = 0; l < LANES; l++) s += lanes[l];
     return s;
 }
 
-/* y [M, D] = RMSNorm(s) * w with s = x + r where r is given (written to s_out, which may be r),
- * else s = x. x, r, s_out, y in the activation dtype; w in it too (the model's parameter). */
+/* y [M, D] = RMSNorm(s) * w with s = x + r where r is given (written to s_out), else s = x.
+ * x, r, s_out, y in the activation dtype; w in it too (the model's parameter). */
 int qvl_rms_norm(const void *x, const void *r, void *s_out, const void *w, int is_bf16, int M, int D,
                  float eps, void *y) {
     if (M <= 0 || D <= 0) return -1;
-    float *s = (float *)malloc(sizeof(float) * (size_t)D);
-    if (!s) return -2;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)D * 3);
+    if (!buf) return -2;
+    float *s = buf, *t = buf + D, *wf = buf + 2 * (size_t)D;
+    to_f32(w, is_bf16, 0, D, wf);
     for (int m = 0; m < M; m++) {
         size_t o = (size_t)m * D;
-        for (int d = 0; d < D; d++) {
-            float v = ld(x, is_bf16, o + d);
-            s[d] = r ? rnd(v + ld(r, is_bf16, o + d), is_bf16) : v;
+        to_f32(x, is_bf16, o, D, s);
+        if (r) {
+            to_f32(r, is_bf16, o, D, t);
+            for (int d = 0; d < D; d++) s[d] += t[d];
+            round_dt(s, D, is_bf16);
+            from_f32(s_out, is_bf16, o, D, s);
         }
-        float ss = dot(s, s, D);
-        float inv = 1.f / sqrtf(ss / (float)D + eps);
-        if (r)
-            for (int d = 0; d < D; d++) st(s_out, is_bf16, o + d, s[d]);
-        for (int d = 0; d < D; d++) st(y, is_bf16, o + d, ld(w, is_bf16, d) * rnd(s[d] * inv, is_bf16));
+        float inv = 1.f / sqrtf(dot(s, s, D) / (float)D + eps);
+        for (int d = 0; d < D; d++) t[d] = s[d] * inv;
+        round_dt(t, D, is_bf16);
+        for (int d = 0; d < D; d++) t[d] *= wf[d];
+        from_f32(y, is_bf16, o, D, t);
     }
-    free(s);
+    free(buf);
     return 0;
 }
 
 /* y [M, I] = SiLU(g) * u; row m of g and of u start at m * stride elements */
 int qvl_silu_mul(const void *g, const void *u, long stride, int is_bf16, int M, int I, void *y) {
     if (M <= 0 || I <= 0) return -1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)I * 2);
+    if (!buf) return -2;
+    float *gf = buf, *uf = buf + I;
     for (int m = 0; m < M; m++) {
-        size_t o = (size_t)m * stride, oy = (size_t)m * I;
-        for (int i = 0; i < I; i++) {
-            float gv = ld(g, is_bf16, o + i);
-            float sv = rnd(gv / (1.f + qexp(-gv)), is_bf16);
-            st(y, is_bf16, oy + i, sv * ld(u, is_bf16, o + i));
-        }
+        size_t o = (size_t)m * stride;
+        to_f32(g, is_bf16, o, I, gf);
+        to_f32(u, is_bf16, o, I, uf);
+        for (int i = 0; i < I; i++) gf[i] = gf[i] / (1.f + qexp(-gf[i]));
+        round_dt(gf, I, is_bf16);
+        for (int i = 0; i < I; i++) gf[i] *= uf[i];
+        from_f32(y, is_bf16, (size_t)m * I, I, gf);
     }
+    free(buf);
     return 0;
 }
 
@@ -169,7 +195,7 @@ static void put_q8(const float *x, int D, int8_t *q, uint16_t *scale) {
     uint16_t h = f_half(s);
     float sf = half_f(h);
     for (int d = 0; d < D; d++) {
-        float v = nearbyintf(x[d] / sf);
+        float v = (x[d] / sf + ROUND_MAGIC) - ROUND_MAGIC; /* |x / sf| <= 127.5: exact */
         q[d] = (int8_t)(v > 127.f ? 127.f : (v < -127.f ? -127.f : v));
     }
     *scale = h;
@@ -189,55 +215,58 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
     for (int b = 0; b < B; b++)
         if (write_pos[b] < 0 || write_pos[b] >= S) return -2;
     const int half = Dh / 2, group = H / Hkv, q8 = k_scale != NULL;
-    /* the step's roped queries, in fp32 (their values are the dtype's) */
+    /* the step's roped queries [B, H, Dh], in fp32 (their values are the dtype's) */
     float *qr = (float *)malloc(sizeof(float) * (size_t)B * H * Dh);
-    if (!qr) return -3;
-    float *tmp = (float *)malloc(sizeof(float) * (size_t)Dh * 2);
-    if (!tmp) {
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)Dh * 6);
+    if (!qr || !tmp) {
         free(qr);
+        free(tmp);
         return -3;
     }
+    float *xf = tmp, *cf = tmp + Dh, *sf = tmp + 2 * Dh, *a = tmp + 3 * Dh, *c = tmp + 4 * Dh, *vf = tmp + 5 * Dh;
     for (int b = 0; b < B; b++) {
-        size_t o = (size_t)b * stride, oc = (size_t)b * Dh;
+        size_t o = (size_t)b * stride;
+        to_f32(cos, is_bf16, (size_t)b * Dh, Dh, cf);
+        to_f32(sin, is_bf16, (size_t)b * Dh, Dh, sf);
         for (int h = 0; h < H + Hkv; h++) { /* H query heads, then Hkv key heads */
-            const void *src = h < H ? q : k;
-            size_t base = o + (size_t)(h < H ? h : h - H) * Dh;
-            float *dst = h < H ? qr + ((size_t)b * H + h) * Dh : tmp;
-            for (int d = 0; d < Dh; d++) {
-                float x = ld(src, is_bf16, base + d);
-                float sw = ld(src, is_bf16, base + (d < half ? d + half : d - half));
-                float a = rnd(x * ld(cos, is_bf16, oc + d), is_bf16);
-                float c = rnd(sw * ld(sin, is_bf16, oc + d), is_bf16);
-                dst[d] = rnd(a + c, is_bf16);
+            float *dst = h < H ? qr + ((size_t)b * H + h) * Dh : xf;
+            to_f32(h < H ? q : k, is_bf16, o + (size_t)(h < H ? h : h - H) * Dh, Dh, dst);
+            for (int d = 0; d < half; d++) { /* swap_halves(x) * sin_signed */
+                c[d] = dst[d + half] * sf[d];
+                c[d + half] = dst[d] * sf[d + half];
             }
+            for (int d = 0; d < Dh; d++) a[d] = dst[d] * cf[d];
+            round_dt(a, Dh, is_bf16);
+            round_dt(c, Dh, is_bf16);
+            for (int d = 0; d < Dh; d++) dst[d] = a[d] + c[d];
+            round_dt(dst, Dh, is_bf16);
             if (h < H) continue;
             int hk = h - H;
-            size_t at = (((size_t)(row0 + b) * Hkv + hk) * S + (size_t)write_pos[b]);
-            size_t vb = o + (size_t)hk * Dh;
-            for (int d = 0; d < Dh; d++) tmp[Dh + d] = ld(v, is_bf16, vb + d);
+            size_t at = ((size_t)(row0 + b) * Hkv + hk) * S + (size_t)write_pos[b];
+            to_f32(v, is_bf16, o + (size_t)hk * Dh, Dh, vf);
             if (q8) {
-                put_q8(tmp, Dh, (int8_t *)k_cache + at * Dh, k_scale + at);
-                put_q8(tmp + Dh, Dh, (int8_t *)v_cache + at * Dh, v_scale + at);
+                put_q8(xf, Dh, (int8_t *)k_cache + at * Dh, k_scale + at);
+                put_q8(vf, Dh, (int8_t *)v_cache + at * Dh, v_scale + at);
             } else {
-                for (int d = 0; d < Dh; d++) {
-                    st(k_cache, is_bf16, at * Dh + d, tmp[d]);
-                    st(v_cache, is_bf16, at * Dh + d, tmp[Dh + d]);
-                }
+                from_f32(k_cache, is_bf16, at * Dh, Dh, xf);
+                from_f32(v_cache, is_bf16, at * Dh, Dh, vf);
             }
         }
     }
     free(tmp);
     int fail = 0;
-    /* one (row, kv head) a task: its group of query heads reads each key and value row once */
+    /* one (row, kv head) a task: its group of query heads reads each key and value row once;
+     * threads only where the reads outweigh waking them (long contexts, several rows) */
     const int tasks = B * Hkv;
-    const long work = (long)tasks * group * L * Dh;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && work > (1L << 18))
+    const long work = (long)B * H * L * Dh;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && tasks > 1 && work > (1L << 19))
     for (int t = 0; t < tasks; t++) {
         int b = t / Hkv, hk = t % Hkv;
         size_t base = ((size_t)(row0 + b) * Hkv + hk) * S;
         const uint8_t *mrow = mask + (size_t)b * L;
         float *p = (float *)malloc(sizeof(float) * ((size_t)group * L + (size_t)group * Dh + Dh));
         if (!p) {
+#pragma omp atomic write
             fail = 1;
             continue;
         }
@@ -245,26 +274,24 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
         for (int j = 0; j < L; j++) {
             if (!mrow[j]) continue;
             size_t at = base + (size_t)j;
-            if (q8) {
+            if (q8) { /* dequantize_rows: dt(code * scale) */
                 float s = half_f(k_scale[at]);
-                const int8_t *c = (const int8_t *)k_cache + at * Dh;
-                for (int d = 0; d < Dh; d++) row[d] = rnd((float)c[d] * s, is_bf16);
+                const int8_t *cq = (const int8_t *)k_cache + at * Dh;
+                for (int d = 0; d < Dh; d++) row[d] = (float)cq[d] * s;
+                round_dt(row, Dh, is_bf16);
             } else {
-                for (int d = 0; d < Dh; d++) row[d] = ld(k_cache, is_bf16, at * Dh + d);
+                to_f32(k_cache, is_bf16, at * Dh, Dh, row);
             }
-            for (int g = 0; g < group; g++) {
-                const float *qv = qr + ((size_t)b * H + (size_t)hk * group + g) * Dh;
-                p[(size_t)g * L + j] = dot(qv, row, Dh) * scale;
-            }
+            for (int g = 0; g < group; g++)
+                p[(size_t)g * L + j] = dot(qr + ((size_t)b * H + (size_t)hk * group + g) * Dh, row, Dh) * scale;
         }
         for (int g = 0; g < group; g++) {
             float *pg = p + (size_t)g * L, mx = -INFINITY, sum = 0.f;
             for (int j = 0; j < L; j++)
                 if (mrow[j] && pg[j] > mx) mx = pg[j];
-            for (int j = 0; j < L; j++) {
-                pg[j] = mrow[j] ? qexp(pg[j] - mx) : 0.f;
-                sum += pg[j];
-            }
+            for (int j = 0; j < L; j++) pg[j] = mrow[j] ? pg[j] - mx : -INFINITY;
+            for (int j = 0; j < L; j++) pg[j] = mrow[j] ? qexp(pg[j]) : 0.f;
+            for (int j = 0; j < L; j++) sum += pg[j];
             float inv = sum > 0.f ? 1.f / sum : 0.f; /* no key at all: zeros, not NaN */
             for (int j = 0; j < L; j++) pg[j] *= inv;
         }
@@ -274,20 +301,19 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
             size_t at = base + (size_t)j;
             if (q8) {
                 float s = half_f(v_scale[at]);
-                const int8_t *c = (const int8_t *)v_cache + at * Dh;
-                for (int d = 0; d < Dh; d++) row[d] = rnd((float)c[d] * s, is_bf16);
+                const int8_t *cq = (const int8_t *)v_cache + at * Dh;
+                for (int d = 0; d < Dh; d++) row[d] = (float)cq[d] * s;
+                round_dt(row, Dh, is_bf16);
             } else {
-                for (int d = 0; d < Dh; d++) row[d] = ld(v_cache, is_bf16, at * Dh + d);
+                to_f32(v_cache, is_bf16, at * Dh, Dh, row);
             }
             for (int g = 0; g < group; g++) {
-                float pj = p[(size_t)g * L + j], *a = acc + (size_t)g * Dh;
-                for (int d = 0; d < Dh; d++) a[d] += pj * row[d];
+                float pj = p[(size_t)g * L + j], *ag = acc + (size_t)g * Dh;
+                for (int d = 0; d < Dh; d++) ag[d] += pj * row[d];
             }
         }
-        for (int g = 0; g < group; g++) {
-            size_t oo = ((size_t)b * H + (size_t)hk * group + g) * Dh;
-            for (int d = 0; d < Dh; d++) st(out, is_bf16, oo + d, acc[(size_t)g * Dh + d]);
-        }
+        for (int g = 0; g < group; g++)
+            from_f32(out, is_bf16, ((size_t)b * H + (size_t)hk * group + g) * Dh, Dh, acc + (size_t)g * Dh);
         free(p);
     }
     free(qr);
