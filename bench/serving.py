@@ -150,7 +150,7 @@ def render(result: dict) -> str:
              "the tokens after each request's first / the time decoding ran (together: first first token to last "
              "token, the other requests' prefills included; one after another: the requests' decode times added "
              "up); steady decode = the engine's decode steps that carried min(streams, max_batch) requests, rows x "
-             "steps / their time (sampling and detokenizing included, the prefills between them not); TTFT = "
+             "steps / their time (sampling included, detokenizing and the prefills between them not); TTFT = "
              "submit -> first token, queueing included. 'One after another' runs the same requests on the same "
              "engine (no prefix cache).",
              ""]

@@ -35,9 +35,10 @@ class EngineCore:
     def decode_steps(self, reset: bool = False) -> dict[int, tuple[int, float]]:
         """Decode steps so far by how many requests each carried: ``{rows: (steps, seconds)}``.
 
-        A step's seconds run from its start to its last token handed out (sampling, detokenizing
-        and stop checks included), so ``rows * steps / seconds`` is the decode rate at that batch
-        occupancy, apart from the prefill chunks that ran between steps.
+        A step's seconds run from its start to its last row's token chosen (sampling included; the
+        detokenizing and stop checks after it are not), so ``rows * steps / seconds`` is the decode
+        rate at that batch occupancy, apart from the prefill chunks that ran between steps. A step
+        is counted before its tokens are handed out, so a caller that has its answer sees its steps.
         """
         with self._steps_lock:
             out = {k: (v[0], v[1]) for k, v in sorted(self._steps.items())}
@@ -123,21 +124,35 @@ class EngineCore:
             for s in live:
                 self._fail(s, e)
             return
+        chosen = []
         for s in live:
             s.length += 1
-            self._accept(s, logits[s.slot : s.slot + 1])
+            chosen.append((s, self._choose(s, logits[s.slot : s.slot + 1])))
+        # counted before any of its tokens is handed out: a caller that has its last token sees the step
         with self._steps_lock:
             acc = self._steps.setdefault(len(live), [0, 0.0])
             acc[0] += 1
             acc[1] += time.perf_counter() - t0
+        for s, tok in chosen:
+            if tok is not None:
+                self._emit(s, tok)
+
+    def _choose(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+        """``seq``'s next token from its logits row (None: sampling failed, and the request with it)."""
+        try:
+            return seq.choose(logits)
+        except Exception as e:
+            self._fail(seq, e)
+            return None
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Choose ``seq``'s next token from its logits row, stream it, finish it when it ends."""
-        try:
-            tok = seq.choose(logits)
-        except Exception as e:
-            self._fail(seq, e)
-            return
+        tok = self._choose(seq, logits)
+        if tok is not None:
+            self._emit(seq, tok)
+
+    def _emit(self, seq: Sequence, tok: int) -> None:
+        """Stream ``tok`` as ``seq``'s next token; finish ``seq`` when it ends."""
         if not seq.out_ids:
             seq.t_first = time.perf_counter()
         seq.out_ids.append(tok)
