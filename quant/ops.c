@@ -20,7 +20,8 @@
  * quantize_rows' rounding and read as dt(q * s), as dequantize_rows reads it.
  *
  * Plain C written for the compiler's vectoriser (no reduction relies on -ffast-math: dot products
- * run in 16 independent lanes), so the same file serves the AVX-512 and AVX2 builds of qgemv.c's library.
+ * run in 16 independent lanes folded in halves, one AVX-512 register where there is one), so the
+ * same file serves the AVX-512 and AVX2 builds of qgemv.c's library, with the same bits.
  */
 #pragma GCC optimize("fp-contract=off") /* a*b + c*d must round as the torch ops do, not as one FMA */
 #if defined(__AVX512F__)
@@ -29,6 +30,9 @@
 
 #include <math.h>
 #include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,13 +104,20 @@ static inline float qexp(float x) {
 /* sum of a[i] * b[i], i < n: LANES independent fp32 sums (the compiler's vectors) folded in halves
  * (a tree, not a 16-add chain), then the tail */
 static inline float dot(const float *a, const float *b, int n) {
-    float lanes[LANES] = {0};
     int i = 0;
+#if defined(__AVX512F__)
+    /* the same sums in one register: _mm512_reduce_add_ps folds in halves, as the loop below does */
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + LANES <= n; i += LANES) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+    float s = _mm512_reduce_add_ps(acc);
+#else
+    float lanes[LANES] = {0};
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; l++) lanes[l] += a[i + l] * b[i + l];
     for (int w = LANES / 2; w > 0; w /= 2)
         for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
     float s = lanes[0];
+#endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
