@@ -195,3 +195,23 @@ def test_the_env_var_is_checked(monkeypatch):
     assert decode_ops.for_device("cpu") is None
     monkeypatch.setenv(decode_ops.ENV, "auto")
     assert decode_ops.for_device("meta") is None and decode_ops.for_device("cpu") is not None
+
+
+def test_bf16_decode_rows_are_as_close_to_fp32_as_torchs(tiny_ckpt, monkeypatch):
+    """Teacher-forced through decode steps: KL(fp32 || bf16) per row, the C ops against torch's
+    bf16 code. They round differently, so neither is the other's bits; the C code must not be
+    further from the fp32 model (it keeps attention's probabilities in fp32)."""
+    monkeypatch.setenv(decode_ops.ENV, "torch")
+    ref_eng = qvl.load(tiny_ckpt, dtype="float32", max_seq_len=256)
+    plain, fused = _engines(tiny_ckpt, monkeypatch, dtype="bfloat16", max_seq_len=256)
+    kl = {"torch": [], "ops": []}
+    for text in ("Hi.", "Count robots: one, two,", "Tell me more " * 5):
+        msgs = [{"role": "user", "content": text}]
+        answer = ref_eng.generate_ids(msgs, max_new_tokens=16, ignore_eos=True)
+        ref = ref_eng.score(msgs, answer)[1:]  # row 0 comes from the prefill, the same code in both
+        for name, eng in (("torch", plain), ("ops", fused)):
+            got = eng.score(msgs, answer)[1:]
+            kl[name].append((ref.exp() * (ref - got)).sum(-1))
+    k_torch, k_ops = torch.cat(kl["torch"]).mean(), torch.cat(kl["ops"]).mean()
+    assert k_torch > 0  # bf16 rounding shows: the comparison can tell the codes apart
+    assert k_ops <= 1.5 * k_torch, (k_ops, k_torch)
