@@ -1,8 +1,13 @@
 """Memory-mapped safetensors reading, single file or sharded index.
 
-Tensors are views of a private (copy-on-write) mapping of the file: no copy is made when the
-checkpoint dtype is the compute dtype, pages come in on first touch, and RSS while loading
-stays near the size of the weights. Only the safetensors format is read: never pickle.
+Tensors of ``COPY_BELOW`` bytes and more are views of a private (copy-on-write) mapping of the
+file: no copy is made when the checkpoint dtype is the compute dtype, pages come in on first
+touch, and RSS while loading stays near the size of the weights. Smaller ones (norms, biases,
+quantization scales and zeros) are read into memory of their own: the first touch of a view maps
+the whole page-cache folio under it, which is 2 MiB where the file system caches the file in
+large folios (ext4 on Linux 6.18 does), so a 3 KB norm weight kept as a view costs 2 MB resident,
+and the vision tower's 32 blocks of norms 70 MB on the 2B shapes. Only the safetensors format is
+read: never pickle.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+# tensors smaller than this are read into their own memory, not mapped (see the module doc): a
+# view costs its bytes rounded out to the 2 MiB folios at both ends, up to 4 MiB more than a copy
+# where its neighbours are not mapped (the int8 tower's norms, biases and patch embedding between
+# weights rounded at load and released). Where the neighbours are views themselves (a float
+# tower's weights) their edge folios map a copied tensor's file bytes as well: up to 2 MiB more a
+# copy there (bench/results/memory.md's float-tower rows)
+COPY_BELOW = 4 << 20
 
 
 class CheckpointError(ValueError):
@@ -57,6 +71,11 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r} runs past the end of the file "
                                       "(truncated download?)")
         self._mm = None
+        self._fd: int | None = None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def keys(self):
         return self.entries.keys()
@@ -65,6 +84,12 @@ class SafetensorsFile:
         return tuple(self.entries[name]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``: a view of the mapped file, or read into a buffer of its own when smaller
+        than ``COPY_BELOW`` bytes; either way writable, and writes never reach the file."""
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        if 0 < end - begin < COPY_BELOW:
+            return self._read(name)
         if self._mm is None:
             with open(self.path, "rb") as f:
                 # ACCESS_COPY: writable for torch, private, and backed by the page cache until written
@@ -79,10 +104,26 @@ class SafetensorsFile:
                              offset=self.data_start + begin)
         return t.view(shape)
 
+    def _read(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        dtype = _DTYPES[e["dtype"]]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        buf = bytearray(end - begin)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} ends early (file truncated while loading?)")
+            done += n
+        return torch.frombuffer(buf, dtype=dtype).view(e["shape"])
+
     def release(self, name: str) -> None:
         """Drop the pages of ``name`` from this process once it has been read and repacked (the
         packed quantized weights), so the file's copy does not stay resident beside the repacked
-        one. Only whole pages inside the tensor go; a later read faults them back from the file."""
+        one. Only whole pages inside the tensor go; a later read faults them back from the file. A
+        tensor read into its own memory (under ``COPY_BELOW``) holds no pages of the mapping."""
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         begin, end = self.entries[name]["data_offsets"]

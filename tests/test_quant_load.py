@@ -240,14 +240,45 @@ def test_unsupported_configs_are_named(pairs, tmp_path, change, match):
         load_model(d)
 
 
-def test_released_pages_read_back(pairs):
+def test_released_pages_read_back(pairs, monkeypatch):
     # the loader drops the packed tensors' pages after repacking; the file still backs them
+    from qvl.runtime import weights
+
+    monkeypatch.setattr(weights, "COPY_BELOW", 0)  # every tensor a view of the mapping
     ckpt = Checkpoint(pairs["gptq-int4"][0])
     name = "model.embed_tokens.weight"  # large enough to span whole pages
     view = ckpt.get(name)
+    assert weights._file_mapping(view.data_ptr(), view.data_ptr() + view.numel() * view.element_size())
     before = view.clone()
     ckpt.release(name)
     assert torch.equal(view, before) and torch.equal(ckpt.get(name), before)
+
+
+def test_small_tensors_are_read_not_mapped(pairs, monkeypatch):
+    """Under COPY_BELOW bytes a tensor is read into memory of its own (a view's first touch maps
+    the page-cache folio around it, up to 2 MiB); its values are the mapped view's, writes stay
+    in the copy, and the larger ones are still views."""
+    from qvl.runtime import weights
+
+    path = pairs["gptq-int4"][0]
+    names = list(Checkpoint(path).keys())
+    monkeypatch.setattr(weights, "COPY_BELOW", 0)
+    mapped = Checkpoint(path)
+    views = {n: mapped.get(n) for n in names}
+    monkeypatch.setattr(weights, "COPY_BELOW", 4096)
+    ckpt = Checkpoint(path)
+    small = 0
+    for n in names:
+        t, v = ckpt.get(n), views[n]
+        nbytes = t.numel() * t.element_size()
+        assert t.dtype == v.dtype and t.shape == v.shape and torch.equal(t, v), n
+        in_file = weights._file_mapping(t.data_ptr(), t.data_ptr() + max(nbytes, 1))
+        assert in_file == (nbytes >= 4096), n
+        small += nbytes < 4096
+        if 0 < nbytes < 4096:
+            t.view(-1)[0] = t.view(-1)[0] + 1 if t.dtype != torch.bool else ~t.view(-1)[0]
+            assert not torch.equal(ckpt.get(n), t), n  # the next read is the file's bytes again
+    assert small > 10
 
 
 @pytest.mark.parametrize("kernel", ["int4pack", "dequant"])
