@@ -22,6 +22,12 @@ layout of the fastest path for its device and activation dtype:
 
 Either way forward(x) = x @ W.T + bias for the W of :meth:`QuantizedWeight.dequantize`, up to
 the rounding of the activation dtype (the kernels hold scales and zeros in that dtype).
+
+Past the CPU kernels' row limits (prefill) W is dequantized ``DEQUANT_BLOCK_BYTES`` of output
+channels at a time, each block's product written into one output: a 2B gate or up projection
+(8960 x 1536) is 27.5 MB in bf16 whole, the largest transient of a prefill chunk. torch's GEMM
+sums K in an order that depends on N, so a column block's outputs can differ from the
+whole-weight product by one rounding of the activation dtype (tests/test_quant_linear.py).
 Buffers are not persistent: the runtime layout depends on the device, so checkpoints keep the
 formats' own tensors and the loader repacks them.
 """
@@ -37,6 +43,21 @@ from qvl.quant.weight import QuantizedWeight, dequantize as dequantize_weight
 
 KERNELS = ("auto", "qvl", "qvl-a8", "int4pack", "dequant")
 CPU_KERNELS = ("qvl", "qvl-a8")  # qvl's own: packed at load for its layout, fp32 bias added inside
+# float weight a many-row forward of the CPU kernels dequantizes at once: a block of output channels
+# (qvl.runtime.footprint.DEQUANT_BLOCK_BYTES plans it; tests/test_plan.py checks the two agree)
+DEQUANT_BLOCK_BYTES = 4 << 20
+
+
+def dense_block_rows(kernel: str, out_features: int, in_features: int, element_size: int) -> int:
+    """Output channels a many-row forward dequantizes at once: at most ``DEQUANT_BLOCK_BYTES`` of
+    float weight, a whole number of the layout's row blocks (``cpu.ROWS``, qvl-a8's ``cpu.A8_NT``),
+    at least one, at most every channel; as many blocks as that takes, as even as the row blocks
+    allow (each GEMM shape is a oneDNN primitive, JIT code the process keeps: one shape, not two)."""
+    tile = cpu.A8_NT if kernel == "qvl-a8" else cpu.ROWS
+    rows = DEQUANT_BLOCK_BYTES // (in_features * element_size)
+    rows = min(out_features, max(tile, rows - rows % tile))
+    even = -(-out_features // -(-out_features // rows))  # rows per block of that many blocks
+    return min(out_features, -(-even // tile) * tile)
 
 
 class QuantLinear(nn.Module):
@@ -206,30 +227,47 @@ class QuantLinear(nn.Module):
             raise TypeError(f"{type(self).__name__} was packed for {self.act_dtype} activations, got {x.dtype}")
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if self.kernel == "qvl-a8":
+        if self.kernel in CPU_KERNELS:
             x2 = x2.contiguous()
-            if x2.shape[0] <= cpu.A8_MAX_M:
-                y = cpu.a8_gemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size,
-                                self.out_features, self.bias)
-            else:  # a long prefill: torch's GEMM on W.T dequantized once
-                wt = cpu.a8_dequantize_t(self.weight, self.kscales, self.kzeros, self.bits, self.out_features,
-                                         self.in_features, self.group_size, x.dtype)
-                y = torch.mm(x2, wt)
-                if self.bias is not None:
-                    y += self.bias.to(x.dtype)
-        elif self.kernel == "qvl":
-            x2 = x2.contiguous()
-            if x2.shape[0] <= cpu.GEMV_MAX_M:
-                y = cpu.qgemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size, self.bias)
-            else:  # many rows (prefill): compute-bound, torch's GEMM on the weight dequantized once
-                w = cpu.dequantize(self.weight, self.kscales, self.kzeros, self.bits, self.in_features,
-                                   self.group_size, x.dtype)
-                y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+            if x2.shape[0] <= (cpu.A8_MAX_M if self.kernel == "qvl-a8" else cpu.GEMV_MAX_M):
+                if self.kernel == "qvl-a8":
+                    y = cpu.a8_gemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size,
+                                    self.out_features, self.bias)
+                else:
+                    y = cpu.qgemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size, self.bias)
+            else:  # many rows (prefill): compute-bound, torch's GEMM on the weight dequantized a block at a time
+                y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+                self.dense_into(x2, y)
         else:
             y = kernels.mm(self._kernel_input(x2), self.weight, self.kgroup, self.scales_zeros)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def dense_into(self, x2: torch.Tensor, y: torch.Tensor) -> None:
+        """y [M, N] = x2 [M, K] @ W.T + bias through torch's GEMM, W dequantized from the CPU
+        kernels' layout a block of output channels at a time (:func:`dense_block_rows`); ``x2`` in
+        the packed column order (act-order permuted), ``y`` may be a column slice of a wider output."""
+        n = self.out_features
+        rows = dense_block_rows(self.kernel, n, self.in_features, x2.element_size())
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            if self.kernel == "qvl-a8":  # W.T [K, b - a] of whole 64-row tiles (the last may be padded)
+                tiles = slice(a // cpu.A8_NT, -(-b // cpu.A8_NT))
+                w = cpu.a8_dequantize_t(self.weight[tiles], self.kscales[tiles], self.kzeros[tiles], self.bits,
+                                        b - a, self.in_features, self.group_size, x2.dtype)
+                torch.mm(x2, w, out=y[:, a:b])
+                if self.bias is not None:
+                    y[:, a:b] += self.bias[a:b].to(x2.dtype)
+            else:
+                blk = slice(a // cpu.ROWS, -(-b // cpu.ROWS))
+                w = cpu.dequantize(self.weight[blk], self.kscales[blk], self.kzeros[blk], self.bits,
+                                   self.in_features, self.group_size, x2.dtype)[: b - a]
+                if self.bias is None:
+                    torch.mm(x2, w.t(), out=y[:, a:b])
+                else:
+                    torch.addmm(self.bias[a:b].to(x2.dtype), x2, w.t(), out=y[:, a:b])
+            del w  # before the next block's is made
 
     @staticmethod
     def fuse(parts: list["QuantLinear"]) -> "FusedQuantLinear | None":
@@ -274,7 +312,8 @@ class FusedQuantLinear:
 
     Each output column is computed alone by both CPU kernels, so the joint result equals the parts'
     results side by side, bit for bit. Past the kernels' row limits (prefill) each part runs its own
-    dequantize + GEMM, as alone. Not a module: the parts stay the model's submodules and hold the
+    blocks of dequantize + GEMM (:meth:`QuantLinear.dense_into`), as alone, into its columns of one
+    output. Not a module: the parts stay the model's submodules and hold the
     (shared) buffers; a module that keeps one drops it when it is moved or cast (``_apply``).
     """
 
@@ -291,11 +330,16 @@ class FusedQuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x2.shape[0] > self.max_rows:
-            return torch.cat([p(x) for p in self.parts], dim=-1)
         if x.dtype != self.parts[0].act_dtype:
             raise TypeError(f"fused linears packed for {self.parts[0].act_dtype} activations, got {x.dtype}")
         x2 = x2.contiguous()
+        if x2.shape[0] > self.max_rows:  # each part's blocks as it runs them alone, into one output
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+            start = 0
+            for p in self.parts:
+                p.dense_into(x2, y[:, start : start + p.out_features])
+                start += p.out_features
+            return y.reshape(*lead, self.out_features)
         if self.kernel == "qvl-a8":
             y = cpu.a8_gemm(x2, self.weight, self.kscales, self.kzeros, self.bits, self.group_size,
                             self.out_features, self.bias)
