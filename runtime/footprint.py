@@ -38,8 +38,9 @@ RUNTIME_BYTES = 400_000_000
 # part that does not grow with the patches (fitted: bench/results/memory.md)
 VISION_UNITS = 15.6
 VISION_FIXED = 10_000_000
-# float weight an int8 vision linear dequantizes at once for a many-row call (a block of output
-# channels; qvl.runtime.vision_quant.VisionInt8Linear)
+# float weight a many-row call dequantizes at once, a block of output channels: an int8 vision
+# linear (qvl.runtime.vision_quant.VisionInt8Linear) and a quantized decoder linear in qvl's CPU
+# kernels (qvl.quant.linear.DEQUANT_BLOCK_BYTES, which tests/test_plan.py checks is this figure)
 DEQUANT_BLOCK_BYTES = 4 << 20
 PATCH_VALUES = 1176  # 3 channels x 2 frames x 14 x 14: one float32 pixel row of the processor
 
@@ -264,28 +265,65 @@ def patches_for_pixels(info: CheckpointInfo, pixels: int) -> int:
     return pixels // info.cfg.vision.patch_size**2
 
 
+def prefill_dense_bytes(info: CheckpointInfo, dtype: str, kernel: str = "qvl") -> int:
+    """Float weight a quantized decoder's prefill chunk holds dequantized at once, by the kernel its
+    largest linears (gate / up and down: intermediate x hidden) run in: qvl's CPU kernels one block of
+    about ``DEQUANT_BLOCK_BYTES`` (``qvl.quant.linear.QuantLinear.dense_into``; a whole tile of rows
+    where that is more), the dequant fallback the whole weight in fp32 and its cast, torch's int4
+    kernel none; 0 for a float decoder."""
+    if info.qcfg is None:
+        return 0
+    t = info.cfg.text
+    s = _DTYPE_SIZE[compute_dtype(info, dtype)]
+    if kernel in ("qvl", "qvl-a8"):  # qvl.quant.linear.dense_block_rows: even blocks of whole row tiles
+        tile = 64 if kernel == "qvl-a8" else 4
+        blocks = []
+        for n, k in ((t.intermediate_size, t.hidden_size), (t.hidden_size, t.intermediate_size)):
+            rows = DEQUANT_BLOCK_BYTES // (k * s)
+            rows = min(n, max(tile, rows - rows % tile))
+            even = -(-n // -(-n // rows))
+            blocks.append(min(n, -(-even // tile) * tile) * k * s)
+        return max(blocks)
+    if kernel == "dequant":  # fp32, then cast to the compute dtype where that is narrower
+        return t.intermediate_size * t.hidden_size * (4 + (s if s != 4 else 0))
+    return 0
+
+
+def decoder_kernel(info: CheckpointInfo, dtype: str, quant_kernel: str = "auto", device: str = "cpu",
+                   qvl_kernel: bool | None = None) -> str:
+    """The kernel the decoder's largest quantized linear (gate / up) runs in ("" for a float decoder)."""
+    if info.qcfg is None:
+        return ""
+    t = info.cfg.text
+    return _kernel_for(info.qcfg.bits, t.intermediate_size, t.hidden_size, info.qcfg.group_for(t.hidden_size),
+                       compute_dtype(info, dtype), device, quant_kernel, qvl_kernel)
+
+
 def prefill_bytes(info: CheckpointInfo, dtype: str, seq_len: int, chunk: int, kv_cache_dtype: str = "auto",
-                  batch: int = 1) -> int:
+                  batch: int = 1, kernel: str = "qvl") -> int:
     """A prefill chunk's working set at the end of a ``seq_len`` context: layer activations, the
-    attention scores when SDPA runs unfused (a mask: every chunk after the first), one dense
-    decoder weight when a quantized kernel prefills through a dequantized copy, the logits row, and
-    with an int8 KV cache one layer's rows dequantized for attention (every slot's, in a decode step)."""
+    attention scores when SDPA runs unfused (a mask: every chunk after the first), the dense decoder
+    weight a quantized ``kernel`` holds for the GEMM (:func:`prefill_dense_bytes`), the logits row,
+    and with an int8 KV cache one layer's rows dequantized for attention (every slot's, in a decode
+    step)."""
     t = info.cfg.text
     s = _DTYPE_SIZE[compute_dtype(info, dtype)]
     c = min(chunk, seq_len)
     acts = c * (3 * t.intermediate_size + 6 * t.hidden_size) * s
     scores = 2 * c * t.num_attention_heads * seq_len * 4
-    dense = t.intermediate_size * t.hidden_size * s if info.qcfg is not None else 0
+    dense = prefill_dense_bytes(info, dtype, kernel)
     kv = 2 * batch * t.num_key_value_heads * seq_len * t.head_dim * (s + 4) if kv_cache_dtype == "int8" else 0
     return acts + scores + dense + kv + t.vocab_size * 4 * 2
 
 
 def request_bytes(info: CheckpointInfo, dtype: str, seq_len: int, chunk: int, pixels: int,
-                  kv_cache_dtype: str = "auto", batch: int = 1, vision_quant: str = "none") -> tuple[int, int]:
+                  kv_cache_dtype: str = "auto", batch: int = 1, vision_quant: str = "none",
+                  kernel: str = "qvl") -> tuple[int, int]:
     """(held, peak-work) of one request: pixel rows + prompt embeddings + M-RoPE ids, and the larger
-    of its vision call and a prefill chunk (they run one after the other)."""
+    of its vision call and a prefill chunk (they run one after the other); ``kernel``: the
+    decoder's (:func:`decoder_kernel`)."""
     s = _DTYPE_SIZE[compute_dtype(info, dtype)]
     patches = patches_for_pixels(info, pixels)
     held = patches * PATCH_VALUES * 4 + seq_len * (info.cfg.text.hidden_size * s + 3 * 8 + 8)
     return held, max(vision_call_bytes(info, dtype, patches, vision_quant),
-                     prefill_bytes(info, dtype, seq_len, chunk, kv_cache_dtype, batch))
+                     prefill_bytes(info, dtype, seq_len, chunk, kv_cache_dtype, batch, kernel))

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from qvl.runtime.errors import MemoryBudgetError
 # read_checkpoint and the vision fit are re-exported: callers read a checkpoint through the plan
 from qvl.runtime.footprint import (PATCH_VALUES, RUNTIME_BYTES, VISION_FIXED, VISION_UNITS,  # noqa: F401
-                                   CheckpointInfo, compute_dtype, decoder_bytes, embed_head_bytes, gb,
-                                   kv_bytes_per_token, parse_bytes, patches_for_pixels, read_checkpoint,
+                                   CheckpointInfo, compute_dtype, decoder_bytes, decoder_kernel, embed_head_bytes,
+                                   gb, kv_bytes_per_token, parse_bytes, patches_for_pixels, read_checkpoint,
                                    request_bytes, vision_call_bytes, vision_tower_bytes)
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class Plan:
     fits: bool = False
     refusal: str = ""
     options: dict = field(default_factory=dict)
+    decoder_kernel: str = ""  # the decoder's quantized kernel, which sets a prefill chunk's dense weight
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -153,10 +154,11 @@ def make_plan(info: CheckpointInfo, budget, *, dtype: str = "float32", head: str
     p["runtime"] = RUNTIME_BYTES
     plan.weights_bytes = p["vision tower"] + p["decoder"] + p["embeddings/head"]
     held = plan.weights_bytes + RUNTIME_BYTES
+    kernel = plan.decoder_kernel = decoder_kernel(info, dtype, quant_kernel, device, qvl_kernel)
     plan.vision_peak_bytes = vision_call_bytes(info, dtype, patches_for_pixels(info, pixels), vision_quant)
 
     def request(seq):
-        a, b = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch, vision_quant)
+        a, b = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch, vision_quant, kernel)
         return a + b
 
     left = budget - held
@@ -178,7 +180,7 @@ def make_plan(info: CheckpointInfo, budget, *, dtype: str = "float32", head: str
     left -= p["prefix cache"] + p["vision cache"]
 
     def fits(seq, px=pixels):
-        a, b = request_bytes(info, dtype, seq, prefill_chunk, px, kv_cache_dtype, batch, vision_quant)
+        a, b = request_bytes(info, dtype, seq, prefill_chunk, px, kv_cache_dtype, batch, vision_quant, kernel)
         return kv_tok * seq * batch + a + b <= left
 
     limit = max(info.cfg.text.max_position_embeddings, max_seq_len or 0)
@@ -216,7 +218,8 @@ def make_plan(info: CheckpointInfo, budget, *, dtype: str = "float32", head: str
             hi = mid - 1
     plan.max_pixels = lo * info.cfg.vision.patch_size**2
     plan.max_call_patches = lo
-    held_req, work = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch, vision_quant)
+    held_req, work = request_bytes(info, dtype, seq, prefill_chunk, pixels, kv_cache_dtype, batch, vision_quant,
+                                   kernel)
     p["kv cache"] = kv_tok * seq * batch
     p["request"] = held_req + work
     plan.total_bytes = sum(p.values())
@@ -229,7 +232,7 @@ def peak_for(plan: Plan, info: CheckpointInfo, prompt_tokens: int, pixels: int, 
     picture (the plan's own total is for a prompt that fills max_seq_len)."""
     o = plan.options
     held, work = request_bytes(info, o["dtype"], prompt_tokens, prefill_chunk, pixels, o["kv_cache_dtype"],
-                               plan.max_batch, o["vision_quant"])
+                               plan.max_batch, o["vision_quant"], plan.decoder_kernel)
     return plan.total_bytes - plan.parts["request"] + held + work
 
 

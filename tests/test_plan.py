@@ -108,6 +108,40 @@ def test_weights_of_a_gptq_checkpoint_in_each_packing(quantized, group, dtype, k
     assert lin.kernel == (kernel if kernel != "auto" else lin.kernel)
 
 
+@pytest.mark.parametrize("kernel", ["qvl", "qvl-a8"])
+def test_prefill_dense_weight_is_one_block(quantized, kernel, monkeypatch):
+    """The plan's dense decoder weight of a prefill chunk is the largest block the CPU kernels
+    dequantize for it: blocks made small enough here that the tiny decoder's gate takes several."""
+    import torch
+
+    from qvl.quant import cpu
+    from qvl.quant import linear as qlinear
+    from qvl.runtime import footprint
+    from qvl.runtime.loader import load_model
+
+    if cpu.isa() is None:
+        pytest.skip(f"qvl's CPU kernel does not run here: {cpu.unavailable()}")
+    assert qlinear.DEQUANT_BLOCK_BYTES == footprint.DEQUANT_BLOCK_BYTES
+    model = load_model(quantized[64], dtype="bfloat16", quant_kernel=kernel)
+    plan = _plan(quantized[64], dtype="bfloat16", quant_kernel=kernel)
+    gate = model.layers[0].mlp.gate_proj
+    assert plan.decoder_kernel == gate.kernel == kernel
+    block = (cpu.A8_NT if kernel == "qvl-a8" else 32) * gate.in_features * 2  # bf16 rows, whole tiles
+    assert gate.out_features * gate.in_features * 2 >= 2 * block
+    monkeypatch.setattr(qlinear, "DEQUANT_BLOCK_BYTES", block)
+    monkeypatch.setattr(footprint, "DEQUANT_BLOCK_BYTES", block)
+    made = []
+    for name in ("dequantize", "a8_dequantize_t"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, **k: made.append(_real(*a, **k)) or made[-1])
+    with torch.no_grad():
+        model.layers[0].mlp(torch.randn(1, 100, gate.in_features).to(torch.bfloat16))  # past the row limits
+    # qvl-a8's down (64 x 128) takes one 64-row tile, more than the block: the plan counts the tile
+    assert max(t.numel() * t.element_size() for t in made) == \
+        footprint.prefill_dense_bytes(planning.read_checkpoint(quantized[64]), "bfloat16", kernel) == \
+        (2 * block if kernel == "qvl-a8" else block)
+
+
 def test_weights_of_an_int8_tower(tiny_ckpt):
     _check_weights(tiny_ckpt, dtype="bfloat16", vision_quant="int8")
 
