@@ -108,8 +108,7 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, Dh] each
         # rotary in fp32 as the reference does; cos/sin [N, Dh] -> [N, 1, Dh]
         c, s = cos[:, None], sin[:, None]
-        q = (q.float() * c + rotate_half(q.float()) * s).to(v.dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(v.dtype)
+        q, k = vision_rotary(q, c, s), vision_rotary(k, c, s)
         # [1, H, N, Dh]: with 4-D inputs torch's CPU SDPA takes its fused kernel; 3-D ones fall
         # back to the math path, 3-9x slower at vision sizes (torch 2.13)
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
@@ -120,6 +119,27 @@ class VisionAttention(nn.Module):
         else:
             out = segment_attention(q[0], k[0], v[0], cu_seqlens)
         return self.proj(out.transpose(0, 1).reshape(n, -1))  # [H, N, Dh] -> [N, H * Dh]
+
+
+# bytes of one fp32 [rows, E] rotary temporary per chunk of patches: over a whole call the fp32
+# copies of q (or k), its rotation and their products are the attention's largest transients
+ROTARY_CHUNK_BYTES = 4 << 20
+
+
+def vision_rotary(t: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``(t * c + rotate_half(t) * s)`` in fp32, back in ``t``'s dtype: t [N, H, Dh], c and s
+    [N, 1, Dh]. Patches are independent, so they rotate a chunk at a time into one output, the
+    same bits as one pass (a traced graph keeps the one pass: a Python loop would fix N in it)."""
+    n, width = t.shape[0], t.shape[1] * t.shape[2]
+    rows = max(64, ROTARY_CHUNK_BYTES // (width * 4))
+    if n <= rows or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        f = t.float()
+        return (f * c + rotate_half(f) * s).to(t.dtype)
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    for a in range(0, n, rows):
+        f = t[a : a + rows].float()
+        out[a : a + rows] = f * c[a : a + rows] + rotate_half(f) * s[a : a + rows]
+    return out
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int]) -> torch.Tensor:

@@ -143,6 +143,27 @@ def test_block_mlp_over_chunks_of_patches_equals_the_whole_batch(windowed, dtype
         _close_to_whole(traced(*few), blk(*few[:3], None, few[3]), dtype)  # eager: chunked, traced: whole
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_rotary_over_chunks_of_patches_is_the_one_pass(dtype, monkeypatch):
+    """Elementwise per patch, so chunks give the one pass's bits exactly (q as the attention has it:
+    a strided view of qkv)."""
+    from qvl.model import vision
+    from qvl.model.rope import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    n, heads, dh = 600, 4, 16
+    q = torch.randn(n, 3 * heads * dh, generator=g).to(dtype).view(n, 3, heads, dh).unbind(1)[0]
+    c, s = torch.randn(n, 1, dh, generator=g), torch.randn(n, 1, dh, generator=g)
+    want = (q.float() * c + rotate_half(q.float()) * s).to(dtype)
+    monkeypatch.setattr(vision, "ROTARY_CHUNK_BYTES", 64 * heads * dh * 4)  # 10 chunks, the last one short
+    calls = []
+    real = vision.rotate_half
+    monkeypatch.setattr(vision, "rotate_half", lambda t: calls.append(len(t)) or real(t))
+    got = vision.vision_rotary(q, c, s)
+    assert calls == [64] * 9 + [24]
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 # --- the int8 tower -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
