@@ -1,13 +1,13 @@
 """Memory-mapped safetensors reading, single file or sharded index.
 
-Tensors of ``COPY_BELOW`` bytes and more are views of a private (copy-on-write) mapping of the
-file: no copy is made when the checkpoint dtype is the compute dtype, pages come in on first
-touch, and RSS while loading stays near the size of the weights. Smaller ones (norms, biases,
-quantization scales and zeros) are read into memory of their own: the first touch of a view maps
-the whole page-cache folio under it, which is 2 MiB where the file system caches the file in
-large folios (ext4 on Linux 6.18 does), so a 3 KB norm weight kept as a view costs 2 MB resident,
-and the vision tower's 32 blocks of norms 70 MB on the 2B shapes. Only the safetensors format is
-read: never pickle.
+Tensors of ``COPY_BELOW`` bytes and more (matrices: ``MATRIX_MAPPED_FROM``) are views of a
+private (copy-on-write) mapping of the file: no copy is made when the checkpoint dtype is the
+compute dtype, pages come in on first touch, and RSS while loading stays near the size of the
+weights. Smaller ones (norms, biases, quantization scales and zeros) are read into memory of
+their own: the first touch of a view maps the whole page-cache folio under it, which is 2 MiB
+where the file system caches the file in large folios (ext4 on Linux 6.18 does), so a 3 KB norm
+weight kept as a view costs 2 MB resident, and the int8 vision tower's 32 blocks of norms 70 MB
+on the 2B shapes. Only the safetensors format is read: never pickle.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ _DTYPES = {
 
 # tensors smaller than this are read into their own memory, not mapped (see the module doc): a
 # view costs its bytes rounded out to the 2 MiB folios at both ends, up to 4 MiB more than a copy
-# where its neighbours are not mapped (the int8 tower's norms, biases and patch embedding between
-# weights rounded at load and released). Where the neighbours are views themselves (a float
-# tower's weights) their edge folios map a copied tensor's file bytes as well: up to 2 MiB more a
-# copy there (bench/results/memory.md's float-tower rows)
+# where its neighbours in the file are not mapped (the int8 tower's norms, biases and patch
+# embedding, between weights rounded at load and released)
 COPY_BELOW = 4 << 20
+# ... except matrices of this size and more, a linear layer's weight: their neighbours are the
+# layer's other weights, views like them (a float tower's) or released like them (rounded at load),
+# and a copy would be held beside the edge folios the neighbouring views map over its bytes
+MATRIX_MAPPED_FROM = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -85,10 +87,12 @@ class SafetensorsFile:
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name``: a view of the mapped file, or read into a buffer of its own when smaller
-        than ``COPY_BELOW`` bytes; either way writable, and writes never reach the file."""
+        than ``COPY_BELOW`` bytes (a matrix: than ``MATRIX_MAPPED_FROM``); either way writable, and
+        writes never reach the file."""
         e = self.entries[name]
         begin, end = e["data_offsets"]
-        if 0 < end - begin < COPY_BELOW:
+        n = end - begin
+        if 0 < n < COPY_BELOW and (n < MATRIX_MAPPED_FROM or len(e["shape"]) != 2):
             return self._read(name)
         if self._mm is None:
             with open(self.path, "rb") as f:

@@ -279,6 +279,20 @@ def test_small_tensors_are_read_not_mapped(pairs, monkeypatch):
             t.view(-1)[0] = t.view(-1)[0] + 1 if t.dtype != torch.bool else ~t.view(-1)[0]
             assert not torch.equal(ckpt.get(n), t), n  # the next read is the file's bytes again
     assert small > 10
+    # a matrix (a linear's weight) of MATRIX_MAPPED_FROM bytes and more stays mapped below COPY_BELOW
+    monkeypatch.setattr(weights, "COPY_BELOW", 1 << 30)
+    monkeypatch.setattr(weights, "MATRIX_MAPPED_FROM", 4096)
+    ckpt = Checkpoint(path)
+    kinds = set()
+    for n in names:
+        t = ckpt.get(n)
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            continue
+        in_file = weights._file_mapping(t.data_ptr(), t.data_ptr() + nbytes)
+        assert in_file == (t.dim() == 2 and nbytes >= 4096), n
+        kinds.add((t.dim() == 2, in_file))
+    assert {(True, True), (False, False)} <= kinds
 
 
 @pytest.mark.parametrize("kernel", ["int4pack", "dequant"])
