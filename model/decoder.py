@@ -137,7 +137,9 @@ class MLP(nn.Module):
         if self.w_gate_up is not None:
             gate_up = self.w_gate_up(x)  # [B, T, 2 I]
             n = gate_up.shape[-1] // 2
-            return self.down_proj(F.silu(gate_up[..., :n]) * gate_up[..., n:])
+            h = F.silu(gate_up[..., :n]) * gate_up[..., n:]
+            del gate_up  # not held through down_proj: a prefill chunk's [T, 2 I] is the MLP's largest transient
+            return self.down_proj(h)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def decode(self, x, ops):

@@ -196,7 +196,8 @@ class ModelRunner:
         if kind == "image":  # the images not cached, in one tower call (per group under a memory budget)
             sizes = [g[0] * g[1] * g[2] for g in req.grids]
             starts = [sum(sizes[:j]) for j in range(len(sizes))]
-            rows = torch.cat([req.pixel_values[starts[j] : starts[j] + sizes[j]] for _, j in what])
+            parts = [req.pixel_values[starts[j] : starts[j] + sizes[j]] for _, j in what]
+            rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # one image: its rows as they are, no copy
             out = self.tower.encode(rows.to(self.device), torch.tensor([req.grids[j] for _, j in what]))
             merge = self.model.cfg.vision.spatial_merge_size ** 2
             for (i, j), emb in zip(what, out.split([sizes[j] // merge for _, j in what])):
