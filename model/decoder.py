@@ -145,9 +145,7 @@ class MLP(nn.Module):
     def decode(self, x, ops):
         """:meth:`forward` with SiLU x up as one ``ops.silu_mul`` call."""
         if self.w_gate_up is not None:
-            gate_up = self.w_gate_up(x)
-            n = gate_up.shape[-1] // 2
-            return self.down_proj(ops.silu_mul(gate_up[..., :n], gate_up[..., n:]))
+            return self.down_proj(ops.silu_mul(self.w_gate_up(x)))  # its [..., 2 I] halves
         return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 

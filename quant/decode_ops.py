@@ -56,15 +56,21 @@ class CpuDecodeOps:
             raise RuntimeError(f"qvl_rms_norm failed ({rc}) on x {list(x.shape)}")
         return y, s
 
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up; gate and up [..., I], e.g. the two halves of one gate/up product."""
-        n = gate.shape[-1]
-        g, u = gate.reshape(-1, n), up.reshape(-1, n)
-        if g.stride(1) != 1 or u.stride(1) != 1 or g.stride(0) != u.stride(0):
-            g, u = g.contiguous(), u.contiguous()
-        y = torch.empty(gate.shape, dtype=gate.dtype)
-        rc = self.lib.qvl_silu_mul(g.data_ptr(), u.data_ptr(), g.stride(0), gate.dtype is torch.bfloat16,
-                                   g.shape[0], n, y.data_ptr())
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        """SiLU(gate) * up for gate and up [..., I]; with ``up`` None, ``gate`` is one gate/up
+        product [..., 2 I] and its halves are the two."""
+        if up is None:
+            g = gate.contiguous()
+            n = g.shape[-1] // 2
+            g_ptr, stride = g.data_ptr(), 2 * n
+            u_ptr = g_ptr + n * g.element_size()
+        else:
+            g, u = gate.contiguous(), up.contiguous()
+            n = stride = g.shape[-1]
+            g_ptr, u_ptr = g.data_ptr(), u.data_ptr()
+        y = torch.empty(*g.shape[:-1], n, dtype=g.dtype)
+        rc = self.lib.qvl_silu_mul(g_ptr, u_ptr, stride, g.dtype is torch.bfloat16, g.numel() // stride, n,
+                                   y.data_ptr())
         if rc:
             raise RuntimeError(f"qvl_silu_mul failed ({rc}) on gate {list(gate.shape)}")
         return y

@@ -79,6 +79,22 @@ static void round_dt(float *v, int n, int is_bf16) {
         for (int i = 0; i < n; i++) v[i] = bf(to_bf(v[i]));
 }
 
+/* A work buffer of n floats, one per (thread, slot), kept between calls and grown when needed:
+ * a malloc + free of tens of KB a call returns the pages to the kernel and faults them in again
+ * the next time, which costs more than the operation. NULL when memory runs out. */
+#define SCRATCH_SLOTS 3
+static float *scratch(int slot, size_t n) {
+    static _Thread_local float *buf[SCRATCH_SLOTS];
+    static _Thread_local size_t cap[SCRATCH_SLOTS];
+    if (n > cap[slot]) {
+        float *grown = (float *)realloc(buf[slot], sizeof(float) * n);
+        if (!grown) return NULL;
+        buf[slot] = grown;
+        cap[slot] = n;
+    }
+    return buf[slot];
+}
+
 /* exp(x) for the softmax and SiLU: Cody-Waite reduction to |r| <= ln2/2 and a degree-6
  * polynomial, within 2 ulp of expf over [-87, 88] (below: e^-87; above 88.72: inf); branch-free
  * so loops over it vectorise */
@@ -127,7 +143,7 @@ static inline float dot(const float *a, const float *b, int n) {
 int qvl_rms_norm(const void *x, const void *r, void *s_out, const void *w, int is_bf16, int M, int D,
                  float eps, void *y) {
     if (M <= 0 || D <= 0) return -1;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)D * 3);
+    float *buf = scratch(0, (size_t)D * 3);
     if (!buf) return -2;
     float *s = buf, *t = buf + D, *wf = buf + 2 * (size_t)D;
     to_f32(w, is_bf16, 0, D, wf);
@@ -146,14 +162,13 @@ int qvl_rms_norm(const void *x, const void *r, void *s_out, const void *w, int i
         for (int d = 0; d < D; d++) t[d] *= wf[d];
         from_f32(y, is_bf16, o, D, t);
     }
-    free(buf);
     return 0;
 }
 
 /* y [M, I] = SiLU(g) * u; row m of g and of u start at m * stride elements */
 int qvl_silu_mul(const void *g, const void *u, long stride, int is_bf16, int M, int I, void *y) {
     if (M <= 0 || I <= 0) return -1;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)I * 2);
+    float *buf = scratch(0, (size_t)I * 2);
     if (!buf) return -2;
     float *gf = buf, *uf = buf + I;
     for (int m = 0; m < M; m++) {
@@ -165,7 +180,6 @@ int qvl_silu_mul(const void *g, const void *u, long stride, int is_bf16, int M, 
         for (int i = 0; i < I; i++) gf[i] *= uf[i];
         from_f32(y, is_bf16, (size_t)m * I, I, gf);
     }
-    free(buf);
     return 0;
 }
 
@@ -227,13 +241,8 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
         if (write_pos[b] < 0 || write_pos[b] >= S) return -2;
     const int half = Dh / 2, group = H / Hkv, q8 = k_scale != NULL;
     /* the step's roped queries [B, H, Dh], in fp32 (their values are the dtype's) */
-    float *qr = (float *)malloc(sizeof(float) * (size_t)B * H * Dh);
-    float *tmp = (float *)malloc(sizeof(float) * (size_t)Dh * 6);
-    if (!qr || !tmp) {
-        free(qr);
-        free(tmp);
-        return -3;
-    }
+    float *qr = scratch(1, (size_t)B * H * Dh), *tmp = scratch(0, (size_t)Dh * 6);
+    if (!qr || !tmp) return -3;
     float *xf = tmp, *cf = tmp + Dh, *sf = tmp + 2 * Dh, *a = tmp + 3 * Dh, *c = tmp + 4 * Dh, *vf = tmp + 5 * Dh;
     for (int b = 0; b < B; b++) {
         size_t o = (size_t)b * stride;
@@ -264,7 +273,6 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
             }
         }
     }
-    free(tmp);
     int fail = 0;
     /* one (row, kv head) a task: its group of query heads reads each key and value row once;
      * threads only where the reads outweigh waking them (long contexts, several rows) */
@@ -275,7 +283,7 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
         int b = t / Hkv, hk = t % Hkv;
         size_t base = ((size_t)(row0 + b) * Hkv + hk) * S;
         const uint8_t *mrow = mask + (size_t)b * L;
-        float *p = (float *)malloc(sizeof(float) * ((size_t)group * L + (size_t)group * Dh + Dh));
+        float *p = scratch(2, (size_t)group * L + (size_t)group * Dh + Dh);
         if (!p) {
 #pragma omp atomic write
             fail = 1;
@@ -325,8 +333,6 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
         }
         for (int g = 0; g < group; g++)
             from_f32(out, is_bf16, ((size_t)b * H + (size_t)hk * group + g) * Dh, Dh, acc + (size_t)g * Dh);
-        free(p);
     }
-    free(qr);
     return fail ? -3 : 0;
 }

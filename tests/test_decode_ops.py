@@ -61,6 +61,7 @@ def test_silu_mul_equals_torch(ops, dtype):
     gate_up[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # past exp's range both ways, and zeros
     gate, up = gate_up[..., :n], gate_up[..., n:]
     y = ops.silu_mul(gate, up)
+    assert torch.equal(ops.silu_mul(gate_up), y)  # one gate/up product: its halves
     ref = F.silu(gate) * up
     if dtype == torch.bfloat16:
         torch.testing.assert_close(y, ref, rtol=2**-8, atol=0)
