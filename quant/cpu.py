@@ -150,7 +150,7 @@ def open_variant(variant: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL
     lib.qvl_a8_quantize.argtypes = [p, i, i, i, i, p, p, p]
     f, l = ctypes.c_float, ctypes.c_long
     lib.qvl_rms_norm.argtypes = [p, p, p, p, i, i, i, f, p]
-    lib.qvl_silu_mul.argtypes = [p, p, l, i, i, i, p]
+    lib.qvl_silu_mul.argtypes = [p, p, l, i, i, i, p, i]
     lib.qvl_decode_attention.argtypes = [p, p, p, l, i, i, i, i, i, p, p, p, p, p, p, i, i, p, p, i, f, p, i]
     err = _self_check(lib) or _self_check_a8(lib)
     if err:

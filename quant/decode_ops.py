@@ -70,7 +70,7 @@ class CpuDecodeOps:
             g_ptr, u_ptr = g.data_ptr(), u.data_ptr()
         y = torch.empty(*g.shape[:-1], n, dtype=g.dtype)
         rc = self.lib.qvl_silu_mul(g_ptr, u_ptr, stride, g.dtype is torch.bfloat16, g.numel() // stride, n,
-                                   y.data_ptr())
+                                   y.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"qvl_silu_mul failed ({rc}) on gate {list(gate.shape)}")
         return y

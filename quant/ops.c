@@ -166,12 +166,19 @@ int qvl_rms_norm(const void *x, const void *r, void *s_out, const void *w, int i
 }
 
 /* y [M, I] = SiLU(g) * u; row m of g and of u start at m * stride elements */
-int qvl_silu_mul(const void *g, const void *u, long stride, int is_bf16, int M, int I, void *y) {
+int qvl_silu_mul(const void *g, const void *u, long stride, int is_bf16, int M, int I, void *y, int threads) {
     if (M <= 0 || I <= 0) return -1;
-    float *buf = scratch(0, (size_t)I * 2);
-    if (!buf) return -2;
-    float *gf = buf, *uf = buf + I;
+    int fail = 0;
+    /* rows to threads: a batched step's rows are independent, each computed as alone */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M > 1)
     for (int m = 0; m < M; m++) {
+        float *buf = scratch(0, (size_t)I * 2);
+        if (!buf) {
+#pragma omp atomic write
+            fail = 1;
+            continue;
+        }
+        float *gf = buf, *uf = buf + I;
         size_t o = (size_t)m * stride;
         to_f32(g, is_bf16, o, I, gf);
         to_f32(u, is_bf16, o, I, uf);
@@ -180,7 +187,7 @@ int qvl_silu_mul(const void *g, const void *u, long stride, int is_bf16, int M, 
         for (int i = 0; i < I; i++) gf[i] *= uf[i];
         from_f32(y, is_bf16, (size_t)m * I, I, gf);
     }
-    return 0;
+    return fail ? -2 : 0;
 }
 
 /* fp16 bits -> float, and float -> fp16 bits (nearest even), without F16C so the AVX2 build runs */

@@ -56,6 +56,8 @@ class Sampler:
         Returns next ids [B].
         """
         p = self.p
+        if p.temperature == 0 and (p.repetition_penalty == 1.0 or seen is None):
+            return logits.argmax(-1)  # the float copy would change no value: bf16 -> fp32 is exact
         logits = logits.float()
         if p.repetition_penalty != 1.0 and seen is not None:
             score = logits.gather(1, seen)
