@@ -27,7 +27,7 @@ Past the CPU kernels' row limits (prefill) W is dequantized ``DEQUANT_BLOCK_BYTE
 channels at a time, each block's product written into one output: a 2B gate or up projection
 (8960 x 1536) is 27.5 MB in bf16 whole, the largest transient of a prefill chunk. torch's GEMM
 sums K in an order that depends on N, so a column block's outputs can differ from the
-whole-weight product by one rounding of the activation dtype (tests/test_quant_linear.py).
+whole-weight product by one rounding of the activation dtype (tests/test_quant_dense_blocks.py).
 Buffers are not persistent: the runtime layout depends on the device, so checkpoints keep the
 formats' own tensors and the loader repacks them.
 """
