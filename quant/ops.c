@@ -233,6 +233,19 @@ static void put_q8(const float *x, int D, int8_t *q, uint16_t *scale) {
     *scale = h;
 }
 
+/* Cache row ``at`` (of Dh values) in fp32: a float cache's values, or an int8 one's codes read as
+ * dequantize_rows reads them, dt(code * scale) */
+static void read_row(const void *cache, const uint16_t *scales, size_t at, int Dh, int is_bf16, float *row) {
+    if (!scales) {
+        to_f32(cache, is_bf16, at * Dh, Dh, row);
+        return;
+    }
+    float s = half_f(scales[at]);
+    const int8_t *codes = (const int8_t *)cache + at * Dh;
+    for (int d = 0; d < Dh; d++) row[d] = (float)codes[d] * s;
+    round_dt(row, Dh, is_bf16);
+}
+
 /* One decode token per row b of B: rotary on its q and k heads, k and v written into cache row
  * row0 + b at write_pos[b], then attention of each q head over the keys j < L of that row where
  * mask[b, j], grouped heads sharing their kv head. q/k/v row b starts at b * stride elements
@@ -300,14 +313,7 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
         for (int j = 0; j < L; j++) {
             if (!mrow[j]) continue;
             size_t at = base + (size_t)j;
-            if (q8) { /* dequantize_rows: dt(code * scale) */
-                float s = half_f(k_scale[at]);
-                const int8_t *cq = (const int8_t *)k_cache + at * Dh;
-                for (int d = 0; d < Dh; d++) row[d] = (float)cq[d] * s;
-                round_dt(row, Dh, is_bf16);
-            } else {
-                to_f32(k_cache, is_bf16, at * Dh, Dh, row);
-            }
+            read_row(k_cache, k_scale, at, Dh, is_bf16, row);
             for (int g = 0; g < group; g++)
                 p[(size_t)g * L + j] = dot(qr + ((size_t)b * H + (size_t)hk * group + g) * Dh, row, Dh) * scale;
         }
@@ -325,14 +331,7 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, long strid
         for (int j = 0; j < L; j++) {
             if (!mrow[j]) continue;
             size_t at = base + (size_t)j;
-            if (q8) {
-                float s = half_f(v_scale[at]);
-                const int8_t *cq = (const int8_t *)v_cache + at * Dh;
-                for (int d = 0; d < Dh; d++) row[d] = (float)cq[d] * s;
-                round_dt(row, Dh, is_bf16);
-            } else {
-                to_f32(v_cache, is_bf16, at * Dh, Dh, row);
-            }
+            read_row(v_cache, v_scale, at, Dh, is_bf16, row);
             for (int g = 0; g < group; g++) {
                 float pj = p[(size_t)g * L + j], *ag = acc + (size_t)g * Dh;
                 for (int d = 0; d < Dh; d++) ag[d] += pj * row[d];
