@@ -16,19 +16,11 @@ import torch.nn.functional as F
 from qvl.quant import cpu
 from qvl.quant import linear as L
 from qvl.quant.linear import FusedQuantLinear, Int4Linear, Int8Linear, dense_block_rows
-from qvl.quant.weight import QuantizedWeight
+from test_quant_fuse import random_weight
 
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"no qvl CPU kernel: {cpu.unavailable()}")
 
 TOL = {torch.bfloat16: 2**-7, torch.float32: 1e-6}
-
-
-def _weight(n, k, bits, group, seed):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
-    zeros = torch.randint(0, 2**bits, (k // group, n), generator=g).to(torch.int16)
-    scales = (torch.rand(k // group, n, generator=g) * 0.02 + 0.002).half()
-    return QuantizedWeight(q, zeros, scales, bits, group)
 
 
 def _whole(m, x):
@@ -61,7 +53,7 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_blocks_equal_the_whole_weight(cls, kernel, dtype, bias, monkeypatch):
     n, k, group = 704, 256, 128  # 704 rows in blocks of at most 128: six, the last short
-    m = cls.from_weight(_weight(n, k, cls.bits, group, 1), torch.randn(n) if bias else None, dtype, kernel)
+    m = cls.from_weight(random_weight(n, k, cls.bits, group, 1), torch.randn(n) if bias else None, dtype, kernel)
     x = torch.randn(80, k).to(dtype)  # 80 rows: past the GEMV (8) and a8 (64) row limits
     want = _whole(m, x)
     monkeypatch.setattr(L, "DEQUANT_BLOCK_BYTES", 128 * k * x.element_size())
@@ -94,7 +86,7 @@ def test_block_rows_follow_the_layouts():
 @pytest.mark.parametrize("kernel", ["qvl", "qvl-a8"])
 def test_fused_blocks_equal_the_parts(kernel, monkeypatch):
     k, sizes = 256, (192, 128, 128)
-    parts = [Int4Linear.from_weight(_weight(n, k, 4, 128, i), torch.randn(n), torch.bfloat16, kernel)
+    parts = [Int4Linear.from_weight(random_weight(n, k, 4, 128, i), torch.randn(n), torch.bfloat16, kernel)
              for i, n in enumerate(sizes)]
     monkeypatch.setattr(L, "DEQUANT_BLOCK_BYTES", 64 * k * 2)  # several blocks a part
     x = torch.randn(2, 40, k).to(torch.bfloat16)  # 80 rows
@@ -108,7 +100,7 @@ def test_fused_blocks_equal_the_parts(kernel, monkeypatch):
 def test_the_2b_gate_projection_in_blocks(monkeypatch):
     """The 2B decoder's gate (8960 x 1536, int4 g128) on a 256-token bf16 prefill chunk: seven
     blocks of 3.9 MB instead of 27.5 MB, within one bf16 rounding of the whole product."""
-    m = Int4Linear.from_weight(_weight(8960, 1536, 4, 128, 3), None, torch.bfloat16, "qvl")
+    m = Int4Linear.from_weight(random_weight(8960, 1536, 4, 128, 3), None, torch.bfloat16, "qvl")
     x = torch.randn(256, 1536).to(torch.bfloat16)
     want = _whole(m, x)
     made = _spy(monkeypatch)
