@@ -273,8 +273,8 @@ def render(result: dict) -> str:
               "RMSNorm (with the residual add before it, in the fused C code), rope_tables = the cos/sin of the "
               "step's positions, attention = q/k/v reshapes + rotary + output reshape (in the fused C code also the "
               "KV write and the attention itself), sdpa = scaled_dot_product_attention, kv_cache = the KV write and "
-              "read, mlp_act = silu x up, residual = the layers' adds, embed = the token embedding, model = the layer loop and "
-              "the last position, runner = the step's inputs (tokens, positions, mask), other = argmax and what "
+              "read, mlp_act = silu x up, residual = the layers' adds, embed = the token embedding, model = the "
+              "layer loop and the last position, runner = the step's inputs (tokens, positions, mask), other = argmax and what "
               "no wrapper covers.", ""]
     rows = []
     for v, r in result["variants"].items():

@@ -124,7 +124,8 @@ static inline float dot(const float *a, const float *b, int n) {
 #if defined(__AVX512F__)
     /* the same sums in one register: _mm512_reduce_add_ps folds in halves, as the loop below does */
     __m512 acc = _mm512_setzero_ps();
-    for (; i + LANES <= n; i += LANES) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+    for (; i + LANES <= n; i += LANES)
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
     float s = _mm512_reduce_add_ps(acc);
 #else
     float lanes[LANES] = {0};

@@ -40,7 +40,8 @@ def test_fused_equals_parts(cls, kernel, dtype):
 def test_fuse_declines_what_it_cannot_join():
     a8 = [Int4Linear.from_weight(random_weight(n, 256, 4, 128, n), None, torch.bfloat16, "qvl-a8") for n in (64, 32)]
     assert Int4Linear.fuse(a8) is None  # 32 outputs: part of a 64-row tile
-    mixed = [Int4Linear.from_weight(random_weight(64, 256, 4, 128, 0), None, torch.bfloat16, kern) for kern in ("qvl", "qvl-a8")]
+    mixed = [Int4Linear.from_weight(random_weight(64, 256, 4, 128, 0), None, torch.bfloat16, kern)
+             for kern in ("qvl", "qvl-a8")]
     assert Int4Linear.fuse(mixed) is None
     dq = [Int4Linear.from_weight(random_weight(64, 256, 4, 128, i), None, torch.bfloat16, "dequant") for i in range(2)]
     assert Int4Linear.fuse(dq) is None
