@@ -7,11 +7,13 @@ Each step is ``ModelRunner.decode`` over B live slots at ~``--context`` cached t
 argmax of its logits (greedy sampling). Three kinds of step run interleaved (rotating order, the
 same positions), so host contention hits them alike:
 
-* plain: nothing patched; its median is the step time.
-* timed: every linear, norm, attention, MLP, layer, KV write, embedding, rope table and SDPA call
-  wrapped in ``perf_counter`` (the CPU kernels are synchronous), each category charged its own
-  time without its children's. Linears + head subtracted from the plain step is the overhead.
-* noop: the linears and the head replaced by a zero output of the right shape; the step left is
+* plain: nothing patched; its median is the step time (with the layers as one C call,
+  ``CpuDecodeOps.layers``, where the model allows it).
+* timed: the layers' per-operation path (the same C kernels, one call each), every linear, norm,
+  attention, MLP, layer, KV write, embedding, rope table and SDPA call wrapped in
+  ``perf_counter`` (the CPU kernels are synchronous), each category charged its own time without
+  its children's. Linears + head subtracted from the plain step is the overhead.
+* noop: the per-operation path with the linears and the head replaced by a zero output of the right shape; the step left is
   a second estimate of the overhead (a lower one: the weights no longer push the activations,
   cache rows and small tensors out of the CPU caches).
 
@@ -121,6 +123,11 @@ def _categories(model, runner):
     return out
 
 
+def _declined(*args, **kwargs):
+    """``CpuDecodeOps.layers`` turned off: the model runs its layers' ``decode`` instead."""
+    return None
+
+
 def _fused_names(m) -> list[str]:
     """The attributes of ``m`` holding fused linears (one kernel call for several, not modules)."""
     return [name for name in ("wqkv", "w_gate_up") if getattr(m, name, None) is not None]
@@ -148,6 +155,7 @@ def step_worker(spec: dict, res: dict) -> None:
     res["linears_per_step"] = len(linears) - len(joined) + len(fused) + 1  # kernel calls, the head's included
     res["kernels"] = sorted({getattr(m, "kernel", "dense") for m in linears})
     wrapped = _categories(model, runner)
+    ops = getattr(model, "decode_ops", None)
     res["batches"] = {}
     with torch.inference_mode():
         for b in batches:
@@ -158,6 +166,8 @@ def step_worker(spec: dict, res: dict) -> None:
                 order = MODES[step % 3:] + MODES[:step % 3]
                 for mode in order:
                     patches, clock = _Patches(), _Clock()
+                    if mode != "plain" and hasattr(ops, "layers"):  # per-operation calls, so each is seen
+                        patches.set(ops, "layers", _declined)
                     if mode == "timed":
                         for obj, name, cat in wrapped:
                             patches.set(obj, name, clock.wrap(cat, getattr(obj, name)))

@@ -30,8 +30,8 @@ class Qwen2VL(nn.Module):
         self.lm_head = Linear(t.hidden_size, t.vocab_size, bias=False)
         self.rope = MRope(t.head_dim, t.rope_theta, t.mrope_section)
         self.max_batch = self.max_seq = 0
-        # the one-token step's norms, attention and SiLU x up as fused calls (qvl.quant.decode_ops'
-        # CpuDecodeOps, set by the loader on the CPU); None: the layers' torch code
+        # the one-token step's norms, attention and SiLU x up as fused calls, or all its layers as one
+        # (qvl.quant.decode_ops' CpuDecodeOps, set by the loader on the CPU); None: the layers' torch code
         self.decode_ops = None
 
     def init_buffers(self, device=None):
@@ -65,6 +65,10 @@ class Qwen2VL(nn.Module):
         ops = self.decode_ops
         if (ops is not None and input_pos.dim() == 2 and mask is not None and embeds.shape[1] == 1
                 and ops.supports(embeds, self.norm.weight, self.layers[0].self_attn.kv_cache)):
+            whole = getattr(ops, "layers", None)  # every layer as one call, where the ops can
+            hidden = whole(self, embeds, cos, sin, mask, input_pos, row) if whole is not None else None
+            if hidden is not None:
+                return hidden
             x, residual = embeds, None
             for layer in self.layers:
                 x, residual = layer.decode(x, residual, cos, sin, mask, input_pos, row, ops)

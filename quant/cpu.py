@@ -39,8 +39,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# one library: the quantized products, and the decode step's small operations (qvl.quant.decode_ops)
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("qgemv.c", "ops.c"))
+# one library: the quantized products, the decode step's small operations (qvl.quant.decode_ops)
+# and the loop over the layers that calls both (qvl.quant.decode_step)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("qgemv.c", "ops.c", "step.c"))
 # rows of x up to which the GEMV (its weights re-read from cache for each row) is used; dequantize +
 # GEMM breaks even at 12-16 rows on a 2B MLP matrix (2 cores), so 8 keeps to the safe side
 GEMV_MAX_M = 8
@@ -152,6 +153,9 @@ def open_variant(variant: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL
     lib.qvl_rms_norm.argtypes = [p, p, p, p, i, i, i, f, p]
     lib.qvl_silu_mul.argtypes = [p, p, l, i, i, i, p, i]
     lib.qvl_decode_attention.argtypes = [p, p, p, l, i, i, i, i, i, p, p, p, p, p, p, i, i, p, p, i, f, p, i]
+    lib.qvl_decode_layers.argtypes = [p, i, p, p, p, p]
+    lib.qvl_decode_layers_work.argtypes = [p, i, i, i, i, i, i, i]
+    lib.qvl_decode_layers_work.restype = ctypes.c_size_t
     err = _self_check(lib) or _self_check_a8(lib)
     if err:
         raise RuntimeError(f"qvl's {variant} CPU kernel {err}")

@@ -6,8 +6,13 @@ its attention (rotary, KV-cache write, attention over the slot's keys) and its S
 one call each instead of ~35 torch operator calls. Their rounding follows the torch code they
 replace (see ops.c); attention agrees with torch's SDPA to bf16 rounding (tests/test_decode_ops.py).
 
-``QVL_DECODE_OPS=torch`` keeps the torch code, e.g. to compare the two; where the library is not
-available (``QVL_CPU_KERNEL=0``, no C compiler) the torch code runs too.
+Where every decoder linear runs in qvl's CPU kernels, :meth:`CpuDecodeOps.layers` runs the whole
+layer loop as one C call instead (:mod:`qvl.quant.decode_step`, the same bits).
+
+``QVL_DECODE_OPS`` chooses: ``auto`` (the default: the one-call loop where the model allows it,
+else the per-operation calls), ``ops`` (the per-operation calls only) or ``torch`` (the torch code,
+e.g. to compare). Where the library is not available (``QVL_CPU_KERNEL=0``, no C compiler) the
+torch code runs.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import os
 
 import torch
 
-from qvl.quant import cpu
+from qvl.quant import cpu, decode_step
 
 ENV = "QVL_DECODE_OPS"
+CHOICES = ("auto", "ops", "torch")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -29,10 +35,37 @@ def _ptr(t: torch.Tensor | None):
 class CpuDecodeOps:
     """RMSNorm, SiLU x up and one-token attention for fp32 / bf16 activations on the CPU."""
 
-    def __init__(self, lib=None):
+    def __init__(self, lib=None, whole_step: bool = True):
+        """``whole_step``: run the layer loop as one call where the model allows (:meth:`layers`)."""
         self.lib = lib or cpu.library()
         if self.lib is None:
             raise RuntimeError(f"qvl's CPU library is not available: {cpu.unavailable()}")
+        self.whole_step = whole_step
+        self._plan: decode_step.LayerPlan | None = None
+        self._refused: tuple | None = None  # (dtype, signature) of the last model the one-call loop could not take
+        self.refused_reason: str | None = None
+
+    def layers(self, model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               input_pos: torch.Tensor, row: int) -> torch.Tensor | None:
+        """``model``'s decoder layers and final norm for one token a row (``Qwen2VL.forward``'s
+        decode inputs) as one C call, or None where it cannot run them (the caller runs the layers'
+        ``decode``). The plan is made on the first step and again whenever the model's linears or
+        caches change."""
+        if not self.whole_step:
+            return None
+        sig = decode_step.signature(model)
+        plan = self._plan
+        if plan is None or plan.signature != sig or plan.dtype != x.dtype:
+            if self._refused == (x.dtype, sig):
+                return None
+            why = decode_step.unsupported_reason(model, x.dtype)
+            if why:
+                self._refused, self.refused_reason, self._plan = (x.dtype, sig), why, None
+                return None
+            plan = self._plan = decode_step.LayerPlan(model, x.dtype, self.lib)
+        if not plan.supports(x.shape[0]):
+            return None
+        return plan(x, cos, sin, mask, input_pos, row)
 
     def supports(self, x: torch.Tensor, norm_weight: torch.Tensor, cache) -> bool:
         """Whether a step on activations ``x`` can run here (else the model keeps its torch code)."""
@@ -103,10 +136,10 @@ class CpuDecodeOps:
 
 def for_device(device) -> CpuDecodeOps | None:
     """The ops for a model on ``device``: the C ones on the CPU where qvl's library builds, else
-    None (the model's torch code); ``QVL_DECODE_OPS=torch`` gives None everywhere."""
+    None (the model's torch code); ``QVL_DECODE_OPS`` (see the module doc) chooses among them."""
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"{ENV}={choice!r}: use 'auto' or 'torch'")
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r}: use one of {', '.join(CHOICES)}")
     if choice == "torch" or torch.device(device).type != "cpu" or cpu.library() is None:
         return None
-    return CpuDecodeOps()
+    return CpuDecodeOps(whole_step=choice == "auto")
