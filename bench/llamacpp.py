@@ -62,7 +62,7 @@ TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-quantize")
 QUANTS = ("Q4_0", "Q8_0")
 # llama.cpp quant type -> the qvl schemes (bench/quant.py) run beside it
 PAIRS = {"Q4_0": ("int4", "int4-q8head", "int4-a8-q8head", "int4-a8-q4head"),
-         "Q8_0": ("int8", "int8-q8head", "int8-a8-q8head")}
+         "Q8_0": ("int8", "int8-q8head", "int8-a8-q8head", "int8-a8-q4head")}
 
 # convert_hf_to_gguf.py names a BPE pre-tokenizer by hashing how the checkpoint's tokenizer splits
 # a test text; the random checkpoints carry the tiny test tokenizer, which matches no release, so

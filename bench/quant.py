@@ -69,6 +69,7 @@ SCHEMES = {
     "int8-a8-q8head": Scheme("gptq-int8", "bfloat16", "qvl-a8", "int8"),
     # the head in 4-bit groups of 128 (125 MB on the 2B shapes): llama.cpp's Q4_0 files keep theirs in Q6_K
     "int4-a8-q4head": Scheme("gptq-int4", "bfloat16", "qvl-a8", "int4"),
+    "int8-a8-q4head": Scheme("gptq-int8", "bfloat16", "qvl-a8", "int4"),
 }
 
 
