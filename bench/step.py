@@ -267,7 +267,9 @@ def render(result: dict) -> str:
              "timed with perf_counter inside a separately timed step (synchronous kernels); overhead = step - "
              "matmuls; noop step = the step with every linear and the head replaced by a zero output (a lower "
              "bound of the overhead: nothing evicts the small tensors from the caches). The three run interleaved "
-             "step by step.", ""]
+             "step by step. The timed and noop steps take the layers' per-operation path; where the plain step "
+             "runs them as one C call its kernels follow each other with their threads awake, so it can take "
+             "less than the per-operation matmuls and the overhead come out negative.", ""]
     rows = []
     for v, r in result["variants"].items():
         if "error" in r:
