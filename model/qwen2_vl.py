@@ -33,6 +33,9 @@ class Qwen2VL(nn.Module):
         # the one-token step's norms, attention and SiLU x up as fused calls, or all its layers as one
         # (qvl.quant.decode_ops' CpuDecodeOps, set by the loader on the CPU); None: the layers' torch code
         self.decode_ops = None
+        # counts replacements of the layers' linears or caches (moves, casts, fusing, new caches):
+        # what a description of their buffers by address (the decode ops' plan) checks it against
+        self.layout_version = 0
 
     def init_buffers(self, device=None):
         """(Re)build the computed rotary tables, e.g. after construction on the meta device."""
@@ -49,6 +52,18 @@ class Qwen2VL(nn.Module):
         self.max_batch, self.max_seq = max_batch, max_seq
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, t.num_key_value_heads, max_seq, t.head_dim, dtype, device)
+        self.layout_version += 1
+
+    def fuse_linears(self) -> None:
+        """Each layer's q/k/v and gate/up as one call where their type allows (DecoderLayer.fuse_linears)."""
+        for layer in self.layers:
+            layer.fuse_linears()
+        self.layout_version += 1
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.layout_version += 1  # buffers moved or cast are other tensors
+        return out
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, input_pos: torch.Tensor,
                 mask: torch.Tensor | None = None, kv_len: int | None = None, row: int = 0) -> torch.Tensor:

@@ -42,25 +42,25 @@ class CpuDecodeOps:
             raise RuntimeError(f"qvl's CPU library is not available: {cpu.unavailable()}")
         self.whole_step = whole_step
         self._plan: decode_step.LayerPlan | None = None
-        self._refused: tuple | None = None  # (dtype, signature) of the last model the one-call loop could not take
+        self._refused: tuple | None = None  # (model id, layout version, dtype) the one-call loop could not take
         self.refused_reason: str | None = None
 
     def layers(self, model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                input_pos: torch.Tensor, row: int) -> torch.Tensor | None:
         """``model``'s decoder layers and final norm for one token a row (``Qwen2VL.forward``'s
         decode inputs) as one C call, or None where it cannot run them (the caller runs the layers'
-        ``decode``). The plan is made on the first step and again whenever the model's linears or
-        caches change."""
+        ``decode``). The plan is made on the first step and again whenever the model replaces its
+        linears or caches (``layout_version``)."""
         if not self.whole_step:
             return None
-        sig = decode_step.signature(model)
         plan = self._plan
-        if plan is None or plan.signature != sig or plan.dtype != x.dtype:
-            if self._refused == (x.dtype, sig):
+        if plan is None or not plan.describes(model, x.dtype):
+            key = (id(model), model.layout_version, x.dtype)
+            if self._refused == key:
                 return None
             why = decode_step.unsupported_reason(model, x.dtype)
             if why:
-                self._refused, self.refused_reason, self._plan = (x.dtype, sig), why, None
+                self._refused, self.refused_reason, self._plan = key, why, None
                 return None
             plan = self._plan = decode_step.LayerPlan(model, x.dtype, self.lib)
         if not plan.supports(x.shape[0]):

@@ -15,6 +15,7 @@ are: one call each.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
@@ -92,20 +93,6 @@ def unsupported_reason(model, dtype: torch.dtype) -> str | None:
     return None
 
 
-def signature(model) -> tuple:
-    """What a plan's addresses depend on: the layers' linear objects, their weight buffers, the
-    caches' buffers (a model changed in any of them needs a new plan)."""
-    sig = [id(model), model.norm.weight.data_ptr()]
-    for layer in model.layers:
-        qkv, o, gate_up, down = _projections(layer)
-        cache = layer.self_attn.kv_cache
-        sig.extend(id(m) for m in (*qkv, o, *gate_up, down, cache))
-        sig.extend(getattr(m, "weight", None) is not None and m.weight.data_ptr() for m in (o, down))
-        if cache is not None:
-            sig.extend((cache.k.data_ptr(), cache.v.data_ptr()))
-    return tuple(sig)
-
-
 def _fill(dst: _Linear, lin) -> None:
     dst.kernel, dst.bits, dst.n, dst.k = KERNELS[lin.kernel], lin.bits, lin.out_features, lin.in_features
     dst.group = lin.group_size
@@ -116,14 +103,15 @@ def _fill(dst: _Linear, lin) -> None:
 
 class LayerPlan:
     """``model``'s decoder layers as ``qvl_decode_layers`` reads them (see the module doc); holds
-    references to every buffer it points at, so they outlive it."""
+    references to every buffer it points at, so they outlive it. It stays valid until the model
+    replaces a linear or cache through its own methods (``Qwen2VL.layout_version``)."""
 
     def __init__(self, model, dtype: torch.dtype, lib: ctypes.CDLL):
         why = unsupported_reason(model, dtype)
         if why:
             raise ValueError(f"the decode step cannot run as one call: {why}")
         self.lib, self.dtype = lib, dtype
-        self.signature = signature(model)
+        self.model, self.version = weakref.ref(model), model.layout_version
         n = len(model.layers)
         self.layers = (_Layer * n)()
         keep, kernels = [], set()
@@ -153,6 +141,10 @@ class LayerPlan:
         self.max_rows = min(ROW_LIMITS[k] for k in kernels)
         self.slots = attn.kv_cache.k.shape[0]
         self._work: dict[int, torch.Tensor] = {}
+
+    def describes(self, model, dtype: torch.dtype) -> bool:
+        """Whether this plan is ``model``'s as it is now (no linear or cache replaced since) for ``dtype``."""
+        return self.model() is model and self.version == model.layout_version and self.dtype == dtype
 
     def supports(self, bsz: int) -> bool:
         return bsz <= self.max_rows

@@ -163,8 +163,7 @@ def load_model(path, dtype="float32", device="cpu", vision: bool = True, quant_k
     model.load_state_dict(state, assign=True, strict=not cfg.tie_word_embeddings and vision)
     model.tie_weights()
     model.init_buffers(device)
-    for layer in model.layers:  # after the quantized build: one kernel call for q/k/v and for gate/up
-        layer.fuse_linears()
+    model.fuse_linears()  # after the quantized build: one kernel call for q/k/v and for gate/up
     model.decode_ops = decode_ops.for_device(device)
     log.info("loaded %s: %d tensors, %s on %s", path, len(state), dtype, device)
     return model.eval()
