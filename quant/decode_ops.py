@@ -33,7 +33,8 @@ def _ptr(t: torch.Tensor | None):
 
 
 class CpuDecodeOps:
-    """RMSNorm, SiLU x up and one-token attention for fp32 / bf16 activations on the CPU."""
+    """RMSNorm, SiLU x up and one-token attention for fp32 / bf16 activations on the CPU, and
+    (:meth:`layers`) all of a model's decoder layers as one call."""
 
     def __init__(self, lib=None, whole_step: bool = True):
         """``whole_step``: run the layer loop as one call where the model allows (:meth:`layers`)."""

@@ -2,8 +2,7 @@
  *
  * Why this file exists: with the matrix products and the small operations in C, what is left of a
  * step's time outside them is Python: ~10 calls a layer, each with its tensor allocations and its
- * ctypes argument conversion, and each waking the OpenMP threads again after they went to sleep
- * in the gap (bench/results/step.md). This loop calls the same C functions with the same
+ * ctypes argument conversion (bench/results/step.md). This loop calls the same C functions with the same
  * arguments in the same order as qvl.model.decoder's `decode` methods do through
  * qvl.quant.decode_ops, so the result is the same bits; only the Python between them is gone.
  *
